@@ -1,0 +1,39 @@
+"""Test-wide settings: offline, interpreted Triton, float32, and tiny random targets.
+
+The environment variables are set before anything imports triton, transformers or wandb.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU here: run Triton kernels in the interpreter
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_default_dtype(torch.float32)  # this CPU has no fast bf16
+
+
+def tiny_causal_lm(family: str = "llama", *, vocab_size: int = 96, hidden_size: int = 32,
+                   num_layers: int = 8, seed: int = 0, **overrides):
+    """A tiny random Llama or Qwen2 causal LM built from a `transformers` config (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cls(**kwargs))
+    return model.float().eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_target(request):
+    """A tiny random target of each supported family (8 layers, vocab 96)."""
+    return tiny_causal_lm(request.param)
