@@ -1,0 +1,663 @@
+"""Early-exit verifier heads on a *frozen* target (HiSpec-style intermediate verifiers).
+
+An early-exit head turns the target's hidden state after layer ``l`` into a next-token distribution:
+
+    p_l = softmax( lm_head( final_norm( head(h_l) ) ) / T )
+
+* ``h_l`` is the target's residual stream after ``l`` decoder layers, i.e. Hugging Face
+  ``output_hidden_states`` index ``l`` (see :mod:`hsd.models.capture`), shape [B, S, H].
+* ``final_norm`` and ``lm_head`` are the target's own modules: frozen, shared, *not* part of the head's
+  state dict and never saved with it. Attach them after construction or loading with
+  :meth:`EarlyExitHead.attach_target`.
+* ``head`` is the only trainable piece, chosen by ``head_type``:
+
+  ========  ====================================================  ==========================
+  lens      identity (the logit lens)                              0 parameters
+  affine    z = h + W h + b, W = 0, b = 0 at init (tuned lens)     H*H + H
+  lowrank   z = h + s * B(A h) + b, rank r, B = 0 at init (LoRA)   2*H*r + H
+  mlp       z = h + down(silu(gate(n)) * up(n)), n = RMSNorm(h)    H + 3*H*I  (down = 0 at init)
+  attn      z = h + o_proj(Attn(RMSNorm(h))), causal, RoPE,        H + H*(nh+2*nkv)*hd + nh*hd*H
+            own KV cache (Kangaroo-style adapter), o_proj = 0
+  ========  ====================================================  ==========================
+
+  Every trainable type is a zero-initialised *residual* map, so an untrained head equals ``lens``
+  bit for bit.
+
+HARD RULE (enforced, not just documented): no trainable parameter on the target's residual stream.
+The head reads ``h_l`` and writes only to its own side branch; the target's layers (in particular layers
+1..l, whose KV cache and ``h_l`` the final verification pass reuses), its final norm and its LM head
+stay frozen and unmodified. LoRA or any other adapter *inside* the target (layers <= l or anywhere else)
+would change the model being verified against and make the stage-1 states unusable by the final pass.
+:func:`assert_frozen_target` raises :class:`ResidualStreamError` when a target parameter requires grad,
+when a PEFT adapter has been injected into the target, or when head and target share a parameter;
+:func:`target_checksum` fingerprints the target so a trainer can prove the target did not change.
+
+Why ``lowrank`` does not use ``peft``: PEFT's LoRA layers wrap an existing ``nn.Linear`` and add
+``B(A x)`` to that base layer's output. The head's base map is the identity (a residual branch), which
+PEFT cannot wrap without a dense H x H base matrix (identity or zero): that costs as much memory and
+bandwidth per token as the ``affine`` head and defeats the point of a low-rank head. So ``lowrank`` is
+the same parametrisation written directly (PEFT names ``lora_A``/``lora_B``, PEFT's default init:
+Kaiming-uniform A, zero B, scaling ``lora_alpha / r``); ``peft`` is used only to *detect* adapters that
+were (wrongly) injected into the target.
+
+Optional reduced output vocabulary (as for EAGLE-3): ``d2t`` [V_d] int64 offsets,
+``target_id = draft_id + d2t[draft_id]``; the LM head rows are restricted to those target ids, so the
+head's logits are [.., V_d]. :meth:`EarlyExitHead.to_target_vocab` scatters rows back to [.., V].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from hsd.models import capture as cap
+
+try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - transformers 4.x
+    _init = nn.init
+
+HEAD_TYPES = ("lens", "affine", "lowrank", "mlp", "attn")
+
+
+class ResidualStreamError(ValueError):
+    """The target's residual stream could be (or was) modified: a trainable or adapted target."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+class EarlyExitConfig(PretrainedConfig):
+    """Configuration of one early-exit head.
+
+    Records what the head was trained for: the base (target) model name and revision, ``exit_layer``
+    (number of target layers run = HF hidden-state index), ``head_type``, ``rank`` (lowrank),
+    ``training_temperature`` (the temperature T > 0 it was trained at; the default serving T), the target's ``hidden_size``,
+    ``vocab_size`` and ``num_target_layers``, and the optional ``draft_vocab_size`` (reduced vocab).
+    Attention geometry (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rope_theta``)
+    is used by ``attn`` only; ``intermediate_size`` by ``mlp`` only.
+    """
+
+    model_type = "hsd_early_exit"
+
+    def __init__(self, base_model_name_or_path: str = "", base_model_revision: str | None = None,
+                 exit_layer: int = 1, num_target_layers: int = 0, head_type: str = "lens", rank: int = 0,
+                 lora_alpha: float | None = None, intermediate_size: int = 0, num_attention_heads: int = 0,
+                 num_key_value_heads: int = 0, head_dim: int = 0, rope_theta: float = 10000.0,
+                 rms_norm_eps: float = 1e-6, hidden_size: int = 0, vocab_size: int = 0,
+                 draft_vocab_size: int | None = None, training_temperature: float = 1.0,
+                 target_model_type: str = "", **kwargs):
+        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_revision = base_model_revision
+        self.exit_layer = int(exit_layer)
+        self.num_target_layers = int(num_target_layers)
+        self.head_type = head_type
+        self.rank = int(rank)
+        self.lora_alpha = float(lora_alpha) if lora_alpha is not None else (float(rank) if rank else None)
+        self.intermediate_size = int(intermediate_size)
+        self.num_attention_heads = int(num_attention_heads)
+        self.num_key_value_heads = int(num_key_value_heads)
+        self.head_dim = int(head_dim)
+        self.rope_theta = float(rope_theta)
+        self.rms_norm_eps = float(rms_norm_eps)
+        self.hidden_size = int(hidden_size)
+        self.vocab_size = int(vocab_size)
+        self.draft_vocab_size = int(draft_vocab_size) if draft_vocab_size else None
+        self.training_temperature = float(training_temperature)
+        self.target_model_type = target_model_type
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.validate_head()
+
+    def validate_head(self) -> None:
+        """ValueError naming the field for settings no head can have."""
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type: unknown head type {self.head_type!r}; choose one of {HEAD_TYPES}")
+        if self.head_type == "lowrank" and self.rank <= 0:
+            raise ValueError(f"rank: lowrank heads need rank > 0, got {self.rank}")
+        if self.head_type == "lowrank" and self.hidden_size and self.rank > self.hidden_size:
+            raise ValueError(f"rank: {self.rank} exceeds hidden_size {self.hidden_size}")
+        if self.head_type == "mlp" and self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size: must be >= 0 (0 = hidden_size), got {self.intermediate_size}")
+        if not (self.training_temperature > 0 and math.isfinite(self.training_temperature)):
+            raise ValueError(f"training_temperature: must be a finite number > 0, got {self.training_temperature}")
+        if self.num_target_layers > 0:
+            check_exit_layer(self.exit_layer, self.num_target_layers)
+        if self.draft_vocab_size is not None and self.vocab_size and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size: must be in [1, vocab_size={self.vocab_size}], "
+                             f"got {self.draft_vocab_size}")
+        if self.head_type == "attn" and self.hidden_size:
+            nh, nkv = self.num_attention_heads, self.num_key_value_heads
+            if nh <= 0 or nkv <= 0 or nh % nkv:
+                raise ValueError(f"num_attention_heads / num_key_value_heads: need positive counts with "
+                                 f"heads divisible by kv heads, got {nh} / {nkv}")
+            if self.head_dim <= 0 or self.head_dim % 2:
+                raise ValueError(f"head_dim: must be a positive even number (RoPE), got {self.head_dim}")
+
+    @classmethod
+    def from_target(cls, target: nn.Module, exit_layer: int, head_type: str = "lens", *, rank: int = 0,
+                    lora_alpha: float | None = None, intermediate_size: int = 0, training_temperature: float = 1.0,
+                    draft_vocab_size: int | None = None, base_model_name_or_path: str | None = None,
+                    base_model_revision: str | None = None, num_attention_heads: int = 0,
+                    num_key_value_heads: int = 0) -> EarlyExitConfig:
+        """Fill the target-dependent fields from a Hugging Face causal LM (``*ForCausalLM``)."""
+        tc = target.config
+        n = cap.num_layers(target)
+        check_exit_layer(exit_layer, n)
+        nh = num_attention_heads or int(getattr(tc, "num_attention_heads", 0) or 0)
+        nkv = num_key_value_heads or int(getattr(tc, "num_key_value_heads", 0) or 0) or nh
+        hd = int(getattr(tc, "head_dim", 0) or 0) or (tc.hidden_size // nh if nh else 0)
+        rope = getattr(tc, "rope_parameters", None) or {}
+        theta = float(rope.get("rope_theta", 0) or getattr(tc, "rope_theta", 0) or 10000.0)
+        name = base_model_name_or_path if base_model_name_or_path is not None else getattr(tc, "_name_or_path", "")
+        return cls(base_model_name_or_path=name or "", base_model_revision=base_model_revision,
+                   exit_layer=exit_layer, num_target_layers=n, head_type=head_type, rank=rank,
+                   lora_alpha=lora_alpha, intermediate_size=intermediate_size, num_attention_heads=nh,
+                   num_key_value_heads=nkv, head_dim=hd, rope_theta=theta,
+                   rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6) or 1e-6),
+                   hidden_size=int(tc.hidden_size), vocab_size=int(tc.vocab_size),
+                   draft_vocab_size=draft_vocab_size, training_temperature=training_temperature,
+                   target_model_type=str(getattr(tc, "model_type", "")))
+
+
+def check_exit_layer(exit_layer: int, num_target_layers: int) -> int:
+    """An exit after ``l`` layers needs 1 <= l <= L - 1 (l = L would be the target itself)."""
+    if isinstance(exit_layer, bool) or int(exit_layer) != exit_layer:
+        raise ValueError(f"exit_layer: must be an integer, got {exit_layer!r}")
+    if not 1 <= int(exit_layer) <= num_target_layers - 1:
+        raise ValueError(f"exit_layer: {exit_layer} is out of range; the target has {num_target_layers} "
+                         f"decoder layers, so an exit layer must be in [1, {num_target_layers - 1}]")
+    return int(exit_layer)
+
+
+def default_exit_layers(num_target_layers: int) -> list[int]:
+    """HiSpec-style candidates L/8, L/4, 3L/8, L/2 (rounded half up), deduplicated, in [1, L-1]."""
+    out = []
+    for frac in (1 / 8, 1 / 4, 3 / 8, 1 / 2):
+        layer = min(max(math.floor(num_target_layers * frac + 0.5), 1), num_target_layers - 1)
+        if layer not in out:
+            out.append(layer)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Residual-stream rule
+# ----------------------------------------------------------------------------------------------------
+def _is_peft_module(module: nn.Module) -> bool:
+    # Without importing peft (slow): every PEFT tuner layer / wrapper class lives in the `peft` package.
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def assert_frozen_target(target: nn.Module, exit_layer: int | None = None,
+                         head: nn.Module | None = None) -> None:
+    """Raise :class:`ResidualStreamError` unless the target is frozen and unadapted.
+
+    Checks: (1) no PEFT adapter anywhere in the target (LoRA on layers <= ``exit_layer`` would change
+    ``h_l`` and the layers-1..l KV cache the final pass reuses; anywhere else it changes the target);
+    (2) no target parameter requires grad; (3) ``head`` (if given) shares no parameter with the target.
+    """
+    where = f" (exit layer {exit_layer})" if exit_layer is not None else ""
+    if _is_peft_module(target):
+        raise ResidualStreamError(f"target is a PEFT model ({type(target).__name__}): early-exit heads need "
+                                  f"the original frozen target{where}; merge or remove the adapter first")
+    adapted = [name for name, mod in target.named_modules() if _is_peft_module(mod)]
+    if adapted:
+        low = [n for n in adapted if exit_layer is not None and (_layer_of(n) or 0) < exit_layer]
+        raise ResidualStreamError(
+            f"a PEFT adapter was injected into the target at {adapted[:4]}{'...' if len(adapted) > 4 else ''}"
+            + (f"; {len(low)} of them on layers <= {exit_layer}, the residual stream the early exit reads"
+               if low else "")
+            + ": no trainable parameter may sit on the target's residual stream")
+    trainable = [n for n, p in target.named_parameters() if p.requires_grad]
+    if trainable:
+        low = [n for n in trainable if exit_layer is not None and (_layer_of(n) is not None)
+               and _layer_of(n) < exit_layer]
+        raise ResidualStreamError(
+            f"{len(trainable)} target parameters require grad (e.g. {trainable[:3]})"
+            + (f", {len(low)} of them in layers <= {exit_layer}" if low else "")
+            + f"{where}: the target must be frozen (requires_grad=False); only the head trains")
+    if head is not None:
+        ids = {id(p) for p in target.parameters()}
+        shared = [n for n, p in head.named_parameters() if id(p) in ids]
+        if shared:
+            raise ResidualStreamError(f"head parameters {shared[:3]} are target parameters: the head must "
+                                      f"own its weights and reach the target only through attach_target")
+
+
+@torch.no_grad()
+def target_checksum(target: nn.Module) -> str:
+    """Fingerprint of every target parameter and buffer (computed on their device, float64).
+
+    Per tensor: numel, sum, sum of squares and a position-weighted sum (catches permutations); any
+    optimiser update changes it. Cheap enough to recompute at every checkpoint, even for large targets.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    tensors = list(target.named_parameters()) + list(target.named_buffers())
+    for name, t in tensors:
+        x = t.detach().reshape(-1).double()
+        w = (torch.arange(x.numel(), device=x.device) % 7 + 1).double()
+        stats = torch.stack([x.sum(), (x * x).sum(), (x * w).sum()]).cpu().tolist()
+        h.update(f"{name}:{tuple(t.shape)}:{stats!r};".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Head bodies (the trainable part); each maps h [B, S, H] -> z [B, S, H]
+# ----------------------------------------------------------------------------------------------------
+class HeadCache:
+    """KV cache of an ``attn`` head: key/value [B, nkv, S, hd]; position ``i`` is the i-th token fed."""
+
+    def __init__(self, key: torch.Tensor | None = None, value: torch.Tensor | None = None):
+        self.key, self.value = key, value
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else int(self.key.shape[2])
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions (drop rejected tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length: must be in [0, {self.length}], got {length}")
+        if self.key is not None:
+            self.key, self.value = self.key[:, :, :length], self.value[:, :, :length]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(self.weight.dtype)
+
+
+def _tag(module: nn.Module, kind: str) -> nn.Module:
+    """Mark how :meth:`EarlyExitHead._init_weights` initialises ``module`` (zeros | kaiming | ones)."""
+    module._ee_init = kind
+    return module
+
+
+def _init_tagged(module: nn.Module) -> None:
+    kind = getattr(module, "_ee_init", None)
+    if kind is None:
+        if isinstance(module, LowRankBody):
+            _init.zeros_(module.bias)
+        return
+    if kind == "zeros":
+        _init.zeros_(module.weight)
+    elif kind == "kaiming":  # nn.Linear's / PEFT's default
+        _init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    else:
+        _init.ones_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        _init.zeros_(module.bias)
+
+
+class _Body(nn.Module):
+    """Trainable map h [B, S, H] -> z [B, S, H]. Output maps are tagged "zeros" so the head starts as lens."""
+
+    def forward(self, h, position_ids=None, attention_mask=None, cache=None):  # pragma: no cover
+        raise NotImplementedError
+
+
+
+class LensBody(_Body):
+    def forward(self, h, position_ids=None, attention_mask=None, cache=None):
+        return h
+
+
+class AffineBody(_Body):
+    def __init__(self, config: EarlyExitConfig):
+        super().__init__()
+        self.proj = _tag(nn.Linear(config.hidden_size, config.hidden_size, bias=True), "zeros")
+
+    def forward(self, h, position_ids=None, attention_mask=None, cache=None):
+        return h + self.proj(h)
+
+
+
+class LowRankBody(_Body):
+    def __init__(self, config: EarlyExitConfig):
+        super().__init__()
+        hsz, r = config.hidden_size, config.rank
+        self.lora_A = _tag(nn.Linear(hsz, r, bias=False), "kaiming")  # PEFT default LoRA init
+        self.lora_B = _tag(nn.Linear(r, hsz, bias=False), "zeros")
+        self.bias = nn.Parameter(torch.zeros(hsz))
+        self.scaling = (config.lora_alpha or r) / r
+
+    def forward(self, h, position_ids=None, attention_mask=None, cache=None):
+        return h + self.lora_B(self.lora_A(h)) * self.scaling + self.bias
+
+
+
+class MLPBody(_Body):
+    def __init__(self, config: EarlyExitConfig):
+        super().__init__()
+        hsz = config.hidden_size
+        inner = config.intermediate_size or hsz
+        self.norm = _tag(RMSNorm(hsz, config.rms_norm_eps), "ones")
+        self.gate_proj = _tag(nn.Linear(hsz, inner, bias=False), "kaiming")
+        self.up_proj = _tag(nn.Linear(hsz, inner, bias=False), "kaiming")
+        self.down_proj = _tag(nn.Linear(inner, hsz, bias=False), "zeros")
+
+    def forward(self, h, position_ids=None, attention_mask=None, cache=None):
+        n = self.norm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
+
+
+
+def _rope(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, hd] for Llama-style (rotate-half) RoPE, in float32."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    ang = position_ids.float()[..., None] * inv  # [B, T, hd/2]
+    ang = torch.cat([ang, ang], dim=-1)[:, None]
+    return ang.cos(), ang.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+class AttnBody(_Body):
+    """One causal self-attention layer on RMSNorm(h), residual, RoPE, GQA, with its own KV cache."""
+
+    def __init__(self, config: EarlyExitConfig):
+        super().__init__()
+        hsz = config.hidden_size
+        self.nh, self.nkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.theta = config.rope_theta
+        self.norm = _tag(RMSNorm(hsz, config.rms_norm_eps), "ones")
+        self.q_proj = _tag(nn.Linear(hsz, self.nh * self.hd, bias=False), "kaiming")
+        self.k_proj = _tag(nn.Linear(hsz, self.nkv * self.hd, bias=False), "kaiming")
+        self.v_proj = _tag(nn.Linear(hsz, self.nkv * self.hd, bias=False), "kaiming")
+        self.o_proj = _tag(nn.Linear(self.nh * self.hd, hsz, bias=False), "zeros")
+
+
+    def forward(self, h, position_ids=None, attention_mask=None, cache: HeadCache | None = None):
+        """h [B, T, H] new positions; ``cache`` holds the previous P positions (appended in place).
+
+        position_ids [B, T] (default P + arange(T)); attention_mask [B, P + T] (1 = real token) or None.
+        Query t (absolute index P + t) attends to keys 0..P + t that are real tokens, and always to itself
+        (so padded queries stay finite; their outputs are ignored).
+        """
+        b, t, _ = h.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=h.device).expand(b, t)
+        n = self.norm(h)
+        q = self.q_proj(n).view(b, t, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(n).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(n).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        cos, sin = _rope(position_ids, self.hd, self.theta)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cache is not None:
+            if cache.key is not None:
+                k = torch.cat([cache.key, k], dim=2)
+                v = torch.cat([cache.value, v], dim=2)
+            cache.key, cache.value = k, v
+        s = past + t
+        qi = torch.arange(past, s, device=h.device)[:, None]
+        kj = torch.arange(s, device=h.device)[None, :]
+        allowed = (kj <= qi)[None]  # [1, T, S]
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != s:
+                raise ValueError(f"attention_mask: needs {s} columns (cached + new), got {attention_mask.shape[-1]}")
+            allowed = allowed & attention_mask[:, None, :].bool()
+        allowed = (allowed | (kj == qi)[None])[:, None]  # [B|1, 1, T, S]
+        rep = self.nh // self.nkv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return h + self.o_proj(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+_BODIES = {"lens": LensBody, "affine": AffineBody, "lowrank": LowRankBody, "mlp": MLPBody, "attn": AttnBody}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The head
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class EarlyExitOutput:
+    """logits: [B, S, V'] raw (temperature not applied), or [N, V'] when ``select`` was given;
+    V' = draft_vocab_size or vocab_size. past_key_values: the ``attn`` head's :class:`HeadCache`."""
+
+    logits: torch.Tensor
+    past_key_values: HeadCache | None = None
+
+
+@dataclass
+class EarlyExitStep:
+    """One decoding step: logits [B, T, V'] raw; probs [B, T, V] over the *target* vocabulary at the
+    requested temperature (zero outside the draft vocab; one-hot argmax when temperature == 0)."""
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    cache: HeadCache | None
+
+
+class EarlyExitHead(PreTrainedModel):
+    """One early-exit head for exit layer ``config.exit_layer`` (see the module docstring).
+
+    The target's final norm and LM head are *borrowed* with :meth:`attach_target` (not submodules, not
+    saved, not trained); :meth:`attach_target` enforces the residual-stream rule.
+    """
+
+    config_class = EarlyExitConfig
+    base_model_prefix = "early_exit"
+    main_input_name = "hidden_states"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: EarlyExitConfig):
+        super().__init__(config)
+        config.validate_head()
+        if not config.hidden_size or not config.vocab_size:
+            raise ValueError("config: hidden_size and vocab_size must be set (use EarlyExitConfig.from_target)")
+        self.body = _BODIES[config.head_type](config) if config.head_type != "lens" else LensBody()
+        if config.draft_vocab_size:
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self._borrowed: tuple[nn.Module, nn.Module] | None = None  # (final_norm, lm_head): not submodules
+        self._target_ref: list[nn.Module] = []
+        self.post_init()
+
+    # -- init / target ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Called per module (children first) by post_init and for keys missing from a checkpoint; the
+        # `_init` functions skip tensors already loaded. Bodies tag their modules (see `_tag`).
+        _init_tagged(module)
+
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        """Set the reduced vocabulary: d2t [V_d] int64 offsets (target_id = draft_id + d2t[draft_id])."""
+        vd = self.config.draft_vocab_size
+        if not vd:
+            raise ValueError("d2t: this head has no draft vocabulary (config.draft_vocab_size is None)")
+        d2t = torch.as_tensor(d2t, dtype=torch.long)
+        if d2t.shape != (vd,):
+            raise ValueError(f"d2t: expected shape [{vd}], got {list(d2t.shape)}")
+        ids = d2t + torch.arange(vd)
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size or (ids[1:] <= ids[:-1]).any():
+            raise ValueError("d2t: target ids d2t + arange must be strictly increasing and inside the vocab")
+        self.d2t.copy_(d2t.to(self.d2t.device))
+
+    def draft_to_target_ids(self) -> torch.Tensor | None:
+        """[V_d] target ids of the head's output columns, or None for the full vocabulary."""
+        if not self.config.draft_vocab_size:
+            return None
+        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
+
+    def attach_target(self, target: nn.Module) -> EarlyExitHead:
+        """Borrow the target's final norm and LM head (frozen, not saved); check the residual-stream rule.
+
+        Raises :class:`ResidualStreamError` if the target is trainable or adapted, and ValueError if it
+        does not match the config (layers, hidden size, vocab).
+        """
+        n = cap.num_layers(target)
+        tc = target.config
+        cfg = self.config
+        if cfg.num_target_layers and n != cfg.num_target_layers:
+            raise ValueError(f"target: has {n} decoder layers, head was built for {cfg.num_target_layers}")
+        check_exit_layer(cfg.exit_layer, n)
+        if int(tc.hidden_size) != cfg.hidden_size or int(tc.vocab_size) != cfg.vocab_size:
+            raise ValueError(f"target: hidden/vocab {tc.hidden_size}/{tc.vocab_size} do not match the head's "
+                             f"{cfg.hidden_size}/{cfg.vocab_size}")
+        assert_frozen_target(target, cfg.exit_layer, head=self)
+        self._borrowed = (cap.final_norm(target), cap.lm_head(target))
+        self._target_ref = [target]
+        return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As ``PreTrainedModel.save_pretrained``; a weightless ``lens`` head still gets an (empty)
+        ``model.safetensors`` so that every saved head loads with ``from_pretrained``."""
+        import os
+
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "model.safetensors")
+        if not self.state_dict() and not os.path.exists(path):
+            from safetensors.torch import save_file
+
+            save_file({}, path, metadata={"format": "pt"})
+        return out
+
+    # ``lens`` owns no parameter: dtype/device fall back to the borrowed LM head (or the defaults).
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return self._borrowed[1].weight.dtype if self._borrowed else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return self._borrowed[1].weight.device if self._borrowed else torch.device("cpu")
+
+    @property
+    def target(self) -> nn.Module | None:
+        return self._target_ref[0] if self._target_ref else None
+
+    def check_target(self) -> None:
+        """Re-run the residual-stream checks on the attached target (cheap; call once per step)."""
+        if self.target is None:
+            raise RuntimeError("no target attached: call head.attach_target(target) first")
+        assert_frozen_target(self.target, self.config.exit_layer, head=self)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def output_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Target final norm + LM head (rows restricted to the draft vocab) on z [..., H] -> [..., V']."""
+        if self._borrowed is None:
+            raise RuntimeError("no target attached: call head.attach_target(target) first")
+        norm, head = self._borrowed
+        x = norm(z.to(head.weight.dtype))
+        ids = self.draft_to_target_ids()
+        if ids is None:
+            return head(x)
+        bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
+        return F.linear(x, head.weight[ids], bias)
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: HeadCache | None = None,
+                use_cache: bool = False, select: torch.Tensor | None = None) -> EarlyExitOutput:
+        """hidden_states [B, S, H] = target h_l -> logits [B, S, V'] (or [N, V'] at ``select`` [B, S] bool).
+
+        ``past_key_values``/``use_cache`` matter only for ``attn`` (other heads are position-wise).
+        ``select`` computes the LM head only where needed (training on assistant positions).
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"hidden_states: expected [B, S, {self.config.hidden_size}], "
+                             f"got {list(hidden_states.shape)}")
+        dtype = next(self.body.parameters()).dtype if self.config.head_type != "lens" else hidden_states.dtype
+        h = hidden_states.to(dtype)
+        cache = None
+        if self.config.head_type == "attn":
+            cache = past_key_values if past_key_values is not None else (HeadCache() if use_cache else None)
+            z = self.body(h, position_ids, attention_mask, cache)
+            if select is not None:
+                z = z[select]
+        else:
+            if select is not None:
+                h = h[select]
+            z = self.body(h)
+        return EarlyExitOutput(logits=self.output_logits(z), past_key_values=cache)
+
+    @torch.no_grad()
+    def step(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
+             cache: HeadCache | None = None, attention_mask: torch.Tensor | None = None,
+             temperature: float | None = None) -> EarlyExitStep:
+        """Decode: h_l of the T new positions [B, T, H] (+ their positions, the head's cache) -> rows.
+
+        For ``attn`` the cache is created when None and extended in place; crop it with
+        ``cache.crop(n)`` after rejections. Other head types keep no state (cache stays None).
+        """
+        out = self.forward(hidden_states, position_ids=position_ids, attention_mask=attention_mask,
+                           past_key_values=cache, use_cache=True)
+        probs = self.probs(out.logits, temperature)
+        return EarlyExitStep(logits=out.logits, probs=self.to_target_vocab(probs), cache=out.past_key_values)
+
+    def probs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """softmax(logits / T) in float32; T = config.training_temperature by default; T == 0: one-hot argmax."""
+        t = self.config.training_temperature if temperature is None else float(temperature)
+        if t < 0 or not math.isfinite(t):
+            raise ValueError(f"temperature: must be >= 0, got {t}")
+        logits = logits.float()
+        if t == 0:
+            return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.softmax(logits / t, dim=-1)
+
+    def to_target_vocab(self, rows: torch.Tensor) -> torch.Tensor:
+        """[..., V_d] rows -> [..., V] (zeros outside the draft vocab); identity without a draft vocab."""
+        ids = self.draft_to_target_ids()
+        if ids is None:
+            return rows
+        full = rows.new_zeros(*rows.shape[:-1], self.config.vocab_size)
+        return full.index_copy_(-1, ids.to(rows.device), rows)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"head_type={c.head_type}, exit_layer={c.exit_layer}, hidden={c.hidden_size}"
+
+
+def expected_num_parameters(config: EarlyExitConfig) -> int:
+    """Trainable parameter count implied by the table in the module docstring."""
+    h = config.hidden_size
+    t = config.head_type
+    if t == "lens":
+        return 0
+    if t == "affine":
+        return h * h + h
+    if t == "lowrank":
+        return 2 * h * config.rank + h
+    if t == "mlp":
+        return h + 3 * h * (config.intermediate_size or h)
+    nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    return h + h * (nh + 2 * nkv) * hd + nh * hd * h
+
+
+def load_head(path: str, target: nn.Module, **kwargs: Any) -> EarlyExitHead:
+    """``EarlyExitHead.from_pretrained(path)`` then ``attach_target(target)``, on the target's device."""
+    head = EarlyExitHead.from_pretrained(path, **kwargs)
+    dev = next(target.parameters()).device
+    return head.to(dev).eval().attach_target(target)
