@@ -1,0 +1,143 @@
+"""Exact-enumeration harness: output laws of the verifiers over V^(K+1), with no sampling.
+
+An instance holds context-dependent target and draft rows for every prefix. Every draft chain
+(or every tuple of M chains) is enumerated as one batch row, weighted by its draft probability;
+the verifier's exact decision law (``decision_law`` / ``multi_law``, built from the sampler's own
+functions) gives the law of the emitted prefix, which is completed by target sampling up to K+1
+tokens. A lossless verifier reproduces the target joint prod_t p(y_t | y_<t) exactly.
+Prefixes of length j are numbered in base V (first token most significant), i.e. lexicographically.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .api import LevelsFn, decision_law
+from .multi import multi_law
+
+
+class TreeInstance(NamedTuple):
+    """p[j] [V^j, V]: target row after each prefix of length j = 0..K (row K+1 is the bonus row);
+    q[j] [V^j, V]: draft row after each prefix of length j = 0..K-1. float64."""
+
+    vocab: int
+    depth: int
+    p: list[Tensor]
+    q: list[Tensor]
+
+
+def random_instance(vocab: int, depth: int, seed: int, alpha: float = 1.0) -> TreeInstance:
+    """Context-dependent rows, each an independent Dirichlet(alpha) draw."""
+    rng = np.random.default_rng(seed)
+
+    def rows(j: int) -> Tensor:
+        return torch.from_numpy(rng.dirichlet([alpha] * vocab, size=vocab**j))
+
+    p = [rows(j) for j in range(depth + 1)]
+    q = [rows(j) for j in range(depth)]
+    return TreeInstance(vocab, depth, p, q)
+
+
+def fixed_instance(p_row, q_row, depth: int) -> TreeInstance:
+    """Context-free instance: the same p and q rows after every prefix."""
+    p_row = torch.as_tensor(p_row, dtype=torch.float64)
+    q_row = torch.as_tensor(q_row, dtype=torch.float64)
+    v = p_row.shape[0]
+    return TreeInstance(v, depth, [p_row.expand(v**j, v) for j in range(depth + 1)],
+                        [q_row.expand(v**j, v) for j in range(depth)])
+
+
+def prefix_ids(tokens: Tensor, vocab: int) -> Tensor:
+    """[N, j] -> [N] base-V id of each prefix (0 for the empty prefix)."""
+    ids = torch.zeros(tokens.shape[0], dtype=torch.long)
+    for j in range(tokens.shape[1]):
+        ids = ids * vocab + tokens[:, j]
+    return ids
+
+
+def all_sequences(vocab: int, length: int) -> Tensor:
+    """[V^length, length] every sequence, in base-V id order."""
+    ids = torch.arange(vocab**length)
+    powers = vocab ** torch.arange(length - 1, -1, -1)
+    return (ids.unsqueeze(1) // powers) % vocab
+
+
+def chain_rows(inst: TreeInstance, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """tokens [N, K] -> draft rows q [N, K, V] and target rows p [N, K+1, V] along each chain."""
+    k = tokens.shape[1]
+    q = torch.stack([inst.q[j][prefix_ids(tokens[:, :j], inst.vocab)] for j in range(k)], dim=1)
+    p = torch.stack([inst.p[j][prefix_ids(tokens[:, :j], inst.vocab)] for j in range(k + 1)], dim=1)
+    return q, p
+
+
+def draft_prob(inst: TreeInstance, tokens: Tensor) -> Tensor:
+    """[N] probability that the draft samples each chain."""
+    q, _ = chain_rows(inst, tokens)
+    return q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).prod(-1)
+
+
+def target_joint(inst: TreeInstance) -> Tensor:
+    """[V^(K+1)] target law of K+1 tokens."""
+    joint = torch.ones(1, dtype=torch.float64)
+    for j in range(inst.depth + 1):
+        joint = (joint.unsqueeze(1) * inst.p[j]).reshape(-1)
+    return joint
+
+
+class Emissions:
+    """Accumulates the law of emitted prefixes y_1..y_{n+1} (n accepted tokens + next token)."""
+
+    def __init__(self, inst: TreeInstance):
+        self.inst = inst
+        self.mass = [torch.zeros(inst.vocab ** (n + 1), dtype=torch.float64) for n in range(inst.depth + 1)]
+
+    def add(self, prefixes: Tensor, n: Tensor, weight: Tensor, next_law: Tensor) -> None:
+        """prefixes [N, K] (first n[i] tokens used), n [N], weight [N], next_law [N, V]."""
+        for length in range(self.inst.depth + 1):
+            sel = n == length
+            if bool(sel.any()):
+                ids = prefix_ids(prefixes[sel, :length], self.inst.vocab)
+                table = self.mass[length].view(-1, self.inst.vocab)
+                table.index_add_(0, ids, weight[sel].unsqueeze(1) * next_law[sel])
+
+    def completed(self) -> Tensor:
+        """[V^(K+1)] law after completing every emitted prefix by target sampling."""
+        out = self.mass[0]
+        for j in range(1, self.inst.depth + 1):
+            out = (out.unsqueeze(1) * self.inst.p[j]).reshape(-1) + self.mass[j]
+        return out
+
+
+def single_chain_law(inst: TreeInstance, method: str | LevelsFn) -> tuple[Tensor, float]:
+    """(completed output law [V^(K+1)], E[num_accepted]) of verify with drafts sampled from q."""
+    tokens = all_sequences(inst.vocab, inst.depth)
+    q, p = chain_rows(inst, tokens)
+    weight = draft_prob(inst, tokens)
+    tau_law, rows = decision_law(tokens, q, p, method)
+    out = Emissions(inst)
+    for n in range(inst.depth + 1):
+        out.add(tokens, torch.full_like(weight, n, dtype=torch.long), weight * tau_law[:, n], rows[:, n])
+    k = torch.arange(inst.depth + 1, dtype=torch.float64)
+    return out.completed(), float((weight.unsqueeze(1) * tau_law * k).sum())
+
+
+def multi_chain_law(inst: TreeInstance, chains: int, method: str | LevelsFn) -> tuple[Tensor, float]:
+    """(completed output law, E[num_accepted]) of verify_multi with ``chains`` i.i.d. chains from q."""
+    k = inst.depth
+    tokens = all_sequences(inst.vocab, k * chains).view(-1, chains, k)
+    flat = tokens.reshape(-1, k)
+    q, p = chain_rows(inst, flat)
+    weight = draft_prob(inst, flat).view(-1, chains).prod(-1)
+    n_rows = tokens.shape[0]
+    law = multi_law(tokens, q.view(n_rows, chains, k, -1), p.view(n_rows, chains, k + 1, -1), method)
+    mass = weight[law.rows] * law.prob
+    out = Emissions(inst)
+    out.add(tokens[law.rows, law.chain], law.num_accepted, mass, law.next_law)
+    return out.completed(), float((mass * law.num_accepted).sum())
+
+
+def total_variation(a: Tensor, b: Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())

@@ -1,0 +1,78 @@
+"""Hierarchical speculative decoding (HSD, arXiv 2601.05724) with the capped final test.
+
+The hierarchical form works with un-normalised joint masses. For level i = 1..K ("accept
+x_1..x_{i-1}, resample position i"):
+
+    P_{i-1}, Q_{i-1}     prefix joints prod_{j<i} p_j(x_j), prod_{j<i} q_j(x_j)
+    M_i                  max_{0<=j<=i-1} R_j with R_j = P_j / Q_j (so M_i >= 1)
+    P~_{i-1} = P_{i-1} / M_i                      capped prefix weight
+    a_i(v)   = P~_{i-1} p_i(v) - Q_{i-1} q_i(v)    per-level branch mass over the vocabulary
+    plus_i, minus_i = sum_v (a_i)_+, sum_v (-a_i)_+
+    step-back probability b_i = 1 - plus_i / max(plus_i, minus_i)   (0 when both are 0)
+    final test: accept all K tokens with probability P~_K / Q_K = R_K / max_{j<=K} R_j  (CAPPED)
+
+The block stops at the last level that does not step back (tau = that level - 1), or takes all K
+tokens if the final test succeeds. The token comes from (a_{tau+1})_+. Level 1 never steps back
+(plus_1 = minus_1 since P~_0 = Q_0 = 1), so it needs no coin: coin k-1 decides level k+1 for
+k = 1..K-1 and coin K-1 is the final test, i.e. ``h`` has the same columns as block verification.
+
+The official code's final test is min(1, R_K) (uncapped), which is not lossless; the capped test
+makes HSD equal in law to block verification (research note hsd_algorithm.md §2.4), which the
+tests check exactly. Raw joints underflow float32 for long blocks, so masses are kept in units of
+Q_{i-1}: a_i / Q_{i-1} = (P~_{i-1} / Q_{i-1}) p_i - q_i, with the coefficient formed in log space.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import Levels, before_start, default_start, draft_token_probs, token_probs
+
+
+def prefix_joints(log_p_tok: Tensor, log_q_tok: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, K] token log-probs -> log P_k, log Q_k [B, K+1] for k = 0..K (P_0 = Q_0 = 1)."""
+    zero = torch.zeros_like(log_p_tok[:, :1])
+    return torch.cat([zero, log_p_tok.cumsum(-1)], -1), torch.cat([zero, log_q_tok.cumsum(-1)], -1)
+
+
+def capped_prefix_weights(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """log P~_k = log P_k - log max_{j<=k} R_j, [B, K+1]. The max includes R_0 = 1, so the cap is
+    never below 1 and P~_k / Q_k <= 1; log P_k = -inf (a zero target probability) stays -inf."""
+    return log_p - (log_p - log_q).cummax(-1).values
+
+
+def branch_masses(coef: Tensor, draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
+                  p_tok: Tensor) -> tuple[Tensor, Tensor]:
+    """plus, minus [B, K-1] for levels i = 2..K in units of Q_{i-1}; coef [B, K-1] = P~_{i-1}/Q_{i-1}.
+
+    Point-mass drafts (q_i = one-hot of x_i): plus = coef (1 - p_i(x_i)), minus = 1 - coef p_i(x_i).
+    """
+    k = draft_tokens.shape[1]
+    if draft_probs is None:
+        px = p_tok[:, 1:]
+        return coef * (1.0 - px).clamp_min(0.0), (1.0 - coef * px).clamp_min(0.0)
+    a = coef.unsqueeze(-1) * target_probs[:, 1:k] - draft_probs[:, 1:k]
+    return a.clamp_min(0.0).sum(-1), (-a).clamp_min(0.0).sum(-1)
+
+
+def levels(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
+           start: Tensor | None = None) -> Levels:
+    """draft_tokens [B, K], draft_probs [B, K, V] | None, target_probs [B, K+1, V] -> Levels.
+
+    h[:, k-1] = 1 - b_{k+1} (probability that level k+1 does not step back) for k = 1..K-1, and
+    h[:, K-1] = P~_K / Q_K (capped final test). ``start`` [B] (verify_multi): the joints restart
+    after the accepted prefix, i.e. fresh weights for the new chain.
+    """
+    start = default_start(draft_tokens, start)
+    p_tok = token_probs(target_probs, draft_tokens)
+    q_tok = draft_token_probs(draft_probs, draft_tokens, target_probs)
+    fixed = before_start(start, draft_tokens.shape[1])
+    zero = torch.zeros_like(p_tok)
+    log_p, log_q = prefix_joints(torch.where(fixed, zero, p_tok.log()), torch.where(fixed, zero, q_tok.log()))
+    log_coef = capped_prefix_weights(log_p, log_q) - log_q  # log(P~_k / Q_k), k = 0..K
+    coef = log_coef.exp()
+    plus, minus = branch_masses(coef[:, 1:-1], draft_tokens, draft_probs, target_probs, p_tok)
+    d = torch.maximum(plus, minus)
+    not_back = torch.where(d > 0, plus / torch.where(d > 0, d, torch.ones_like(d)), torch.ones_like(d))
+    h = torch.cat([not_back.clamp(0.0, 1.0), coef[:, -1:]], dim=-1)
+    return Levels(h, log_coef, False, p_tok, q_tok, start)

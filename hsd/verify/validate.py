@@ -1,0 +1,106 @@
+"""Input checks for hsd.verify: every problem raises ValueError naming the argument and the problem."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ROW_SUM_TOL = 1e-3  # |sum - 1| allowed per probability row (float32 softmax/top-k outputs)
+TOKEN_DTYPES = (torch.int64, torch.int32)
+PROB_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_tokens(name: str, tokens: object, ndim: int) -> Tensor:
+    """Integer tensor with ``ndim`` dims and a non-empty last (K) dimension."""
+    t = _tensor(name, tokens)
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in TOKEN_DTYPES:
+        raise ValueError(f"{name}: expected dtype int64 (or int32), got {t.dtype}")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name}: K = 0 draft tokens (need K >= 1)")
+    return t
+
+
+def check_token_range(name: str, tokens: Tensor, vocab: int) -> None:
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got range "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def check_probs(name: str, probs: Tensor) -> None:
+    """Finite, non-negative rows that sum to 1 within ROW_SUM_TOL."""
+    if probs.dtype not in PROB_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype, got {probs.dtype}")
+    if probs.shape[-1] == 0:
+        raise ValueError(f"{name}: empty vocabulary (V = 0)")
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    if bool((probs < 0).any()):
+        raise ValueError(f"{name}: contains negative probabilities")
+    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    err = (probs.sum(-1, dtype=acc) - 1.0).abs()
+    if err.numel() and float(err.max()) > ROW_SUM_TOL:
+        raise ValueError(f"{name}: rows must sum to 1 (worst |sum - 1| = {float(err.max()):.3g} "
+                         f"> {ROW_SUM_TOL})")
+
+
+def check_chain_inputs(draft_tokens: object, draft_probs: object, target_probs: object, *,
+                       names: tuple[str, str, str] = ("draft_tokens", "draft_probs", "target_probs"),
+                       lead: int = 1, allow_point_mass: bool = True) -> None:
+    """Check draft_tokens [*lead, K], draft_probs [*lead, K, V] | None, target_probs [*lead, K+1, V].
+
+    ``lead`` is the number of leading batch dims (1 for verify: [B]; 2 for verify_multi: [B, M]).
+    """
+    tn, qn, pn = names
+    tokens = check_tokens(tn, draft_tokens, lead + 1)
+    p = _tensor(pn, target_probs)
+    lead_shape, k = tuple(tokens.shape[:-1]), tokens.shape[-1]
+    if p.dim() != lead + 2 or tuple(p.shape[:lead]) != lead_shape or p.shape[lead] != k + 1:
+        raise ValueError(f"{pn}: expected shape {(*lead_shape, k + 1, 'V')} for {tn} of shape "
+                         f"{tuple(tokens.shape)}, got {tuple(p.shape)}")
+    if p.device != tokens.device:
+        raise ValueError(f"{pn}: on {p.device} but {tn} is on {tokens.device}")
+    vocab = p.shape[-1]
+    check_probs(pn, p)
+    check_token_range(tn, tokens, vocab)
+    if draft_probs is None:
+        if not allow_point_mass:
+            raise ValueError(f"{qn}: required here (chains must be samples from q), got None")
+        return
+    q = _tensor(qn, draft_probs)
+    if q.dim() != lead + 2 or tuple(q.shape[:-1]) != tuple(tokens.shape):
+        raise ValueError(f"{qn}: expected shape {(*tokens.shape, vocab)}, got {tuple(q.shape)}")
+    if q.shape[-1] != vocab:
+        raise ValueError(f"{qn}: vocabulary size {q.shape[-1]} does not match {pn} ({vocab})")
+    if q.dtype != p.dtype:
+        raise ValueError(f"{qn}: dtype {q.dtype} does not match {pn} dtype {p.dtype}")
+    if q.device != p.device:
+        raise ValueError(f"{qn}: on {q.device} but {pn} is on {p.device}")
+    check_probs(qn, q)
+    q_tok = q.gather(-1, tokens.long().unsqueeze(-1))
+    if bool((q_tok <= 0).any()):
+        raise ValueError(f"{qn}: a draft token has zero draft probability (it cannot have been sampled)")
+
+
+def check_uniforms(uniforms: object, coins_shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """uniforms = (coins [coins_shape], u [B]) with values in [0, 1)."""
+    if not isinstance(uniforms, (tuple, list)) or len(uniforms) != 2:
+        raise ValueError("uniforms: expected a pair (coins, u)")
+    coins = _tensor("uniforms[0] (coins)", uniforms[0])
+    u = _tensor("uniforms[1] (u)", uniforms[1])
+    for name, t, shape in (("uniforms[0] (coins)", coins, coins_shape), ("uniforms[1] (u)", u, coins_shape[:1])):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: on {t.device} but the probabilities are on {device}")
+        if t.numel() and not bool(((t >= 0) & (t < 1)).all()):
+            raise ValueError(f"{name}: values must lie in [0, 1) (and not be NaN)")
+    return coins, u
