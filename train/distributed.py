@@ -1,0 +1,193 @@
+"""Accelerator construction and the DeepSpeed details the loop and the trainers need.
+
+Launch modes (see configs/accelerate/*.yaml):
+* one process (`python -m train.x` or `accelerate launch --config_file configs/accelerate/cpu.yaml ...`);
+* many processes with DeepSpeed ZeRO-2/3 (GPU, or CPU with gloo: `cpu_ds_zero2_2proc.yaml`);
+* many processes with plain DDP (GPU).
+
+Pitfalls handled here (research/environment.md §2): on a CPU-only machine accelerate picks no process-group
+backend for DeepSpeed and silently runs world size 1 per process, so `make_accelerator` passes
+`InitProcessGroupKwargs(backend="gloo")` there, and checks `accelerator.num_processes == $WORLD_SIZE`.
+
+Frozen target under ZeRO-3 (`shard_target: true`): load it inside `target_init_context(accelerator, cfg)`
+(transformers then partitions it with `deepspeed.zero.Init`) and wrap it with
+`prepare_frozen_target(accelerator, model, cfg)`, which gives it an inference-only DeepSpeed engine that
+gathers each layer's shards on the fly. Every rank must then run the target forward on the same number
+of batches (the loop guarantees this). Without ZeRO-3 the target is simply moved to the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any
+
+import torch
+
+
+def use_deepspeed_env() -> bool:
+    """True when `accelerate launch` was configured for DeepSpeed."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(cfg: Any):
+    """Build the `Accelerator` for `cfg` (grad_accum, mixed_precision), fixing the CPU backend pitfalls.
+
+    Raises RuntimeError when the process group does not match the launcher's WORLD_SIZE.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    kwargs: dict[str, Any] = {}
+    if not torch.cuda.is_available():
+        if use_deepspeed_env():
+            # accelerate leaves backend=None on CPU; DeepSpeed then builds its own 2-rank group while
+            # accelerate believes it is alone (train_batch_size assertion or silent world size 1).
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        elif world_env > 1:
+            kwargs["cpu"] = True  # MULTI_CPU with gloo; a plain Accelerator() would run N separate jobs
+    if cfg.mixed_precision != "no" and not torch.cuda.is_available():
+        raise ValueError(f"mixed_precision={cfg.mixed_precision!r} needs a GPU (this CPU emulates bf16/fp16 "
+                         "about 25x slower); use mixed_precision=no")
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                      **kwargs)
+    if acc.num_processes != world_env:
+        raise RuntimeError(
+            f"accelerate sees {acc.num_processes} process(es) ({acc.distributed_type}) but the launcher started "
+            f"WORLD_SIZE={world_env}: every rank would train alone on all data. Use an accelerate config from "
+            "configs/accelerate/ (DeepSpeed on CPU needs the gloo backend, which make_accelerator sets).")
+    if acc.gradient_accumulation_steps != cfg.grad_accum:
+        raise ValueError(f"grad_accum={cfg.grad_accum} but accelerate uses {acc.gradient_accumulation_steps} "
+                         "(set by the accelerate config / ACCELERATE_GRADIENT_ACCUMULATION_STEPS); make them agree")
+    return acc
+
+
+def deepspeed_plugin(accelerator):
+    """The active DeepSpeedPlugin, or None when DeepSpeed is not in use."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.state.deepspeed_plugin
+
+
+def zero_stage(accelerator) -> int:
+    """DeepSpeed ZeRO stage in use (0 when DeepSpeed is off)."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return 0
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def fill_deepspeed_config(accelerator, cfg: Any) -> None:
+    """Fill DeepSpeed "auto" values from the run config; a concrete value that disagrees -> ValueError.
+
+    The loop prepares no dataloader (it shards data itself), so accelerate cannot infer the batch size.
+    """
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        "gradient_clipping": float(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else 0.0,
+    }
+    for key, value in wanted.items():
+        cur = ds.get(key)
+        if cur is None or cur == "auto":
+            ds[key] = value
+        elif (float(cur) if key == "gradient_clipping" else cur) != value:
+            raise ValueError(f"DeepSpeed config has {key}={cur} but the run config implies {value}; set it to "
+                             "\"auto\" in configs/deepspeed/*.json or change the run config")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError("the DeepSpeed config must not define optimizer/scheduler: the loop builds AdamW and "
+                         "the cosine schedule itself (remove those sections)")
+
+
+def target_dtype(cfg: Any) -> torch.dtype:
+    """`cfg.target_dtype` as a torch dtype ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    name = cfg.target_dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def shards_target(accelerator, cfg: Any) -> bool:
+    """True when the frozen target is to be partitioned by ZeRO-3 (stage 3 and cfg.shard_target)."""
+    return zero_stage(accelerator) == 3 and bool(getattr(cfg, "shard_target", True))
+
+
+def target_init_context(accelerator, cfg: Any):
+    """Context in which to load the frozen target (e.g. `from_pretrained`).
+
+    Under ZeRO-3 with `shard_target`, transformers partitions the weights as it loads them
+    (`deepspeed.zero.Init` via accelerate's HfDeepSpeedConfig), so no rank ever holds the full target.
+    Otherwise ZeRO-3 init is switched off so the target loads whole on every rank.
+    """
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None or zero_stage(accelerator) != 3:
+        return contextlib.nullcontext()
+    return plugin.zero3_init_context_manager(enable=shards_target(accelerator, cfg))
+
+
+def trainable_init_context(accelerator):
+    """Context for building the trainable head(s): never partitioned at construction under ZeRO-3.
+
+    (Heads copy weights from the target at init; the DeepSpeed engine partitions them in `prepare`.)
+    """
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return contextlib.nullcontext()
+    return plugin.zero3_init_context_manager(enable=False)
+
+
+def prepare_frozen_target(accelerator, model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """Freeze `model` (eval, requires_grad False) and place it: device move, or a ZeRO-3 inference engine.
+
+    Returns the module to call. Under ZeRO-3 sharding this is a DeepSpeed engine (call it like the model;
+    `.module` is the partitioned model). Never pass the target to `accelerator.prepare` or the optimizer.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    if not shards_target(accelerator, cfg):
+        return model.to(accelerator.device)
+    import deepspeed
+
+    plugin = deepspeed_plugin(accelerator)
+    ds = copy.deepcopy(plugin.deepspeed_config)
+    # Inference-only engine: no optimizer, no offload of optimizer state; batch keys must be concrete.
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    zero = ds.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            h = int(getattr(getattr(model, "config", None), "hidden_size", 1024))
+            zero[key] = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                         "stage3_param_persistence_threshold": 10 * h}[key]
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.batch_size * accelerator.num_processes
+    ds.pop("gradient_clipping", None)
+    for prec in ("bf16", "fp16"):
+        if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
+            ds[prec]["enabled"] = accelerator.mixed_precision == prec
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_parameters(accelerator, model: torch.nn.Module):
+    """Under ZeRO-3, gather the full parameters of `model` (collective: every rank must enter); else no-op."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
