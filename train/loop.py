@@ -91,7 +91,10 @@ class TrainTask:
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        """Scalar loss to minimise and metrics as (sum, count) pairs (reduced exactly over ranks/batches)."""
+        """Scalar loss to minimise and metrics as (sum, count) pairs (reduced exactly over ranks/batches).
+
+        `model` is the prepared model (DDP/DeepSpeed wrapper: call it, do not reach into it);
+        `model.training` is False during evaluation (which runs under torch.no_grad)."""
         raise NotImplementedError
 
     def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
@@ -306,7 +309,7 @@ class _Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
 
-        model.train()
+        _set_training(model, True)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         # The schedule is stepped by the loop once per optimizer step (not via accelerate, whose wrapper
@@ -369,7 +372,7 @@ class _Trainer:
         chunks = [idx[i:i + bs] for i in range(0, len(idx), bs)]
         n_max = _max_over(acc, len(chunks))
         sums = _Sums()
-        self.model.eval()
+        _set_training(self.model, False)
         with torch.no_grad():
             for i in range(n_max):
                 real = i < len(chunks)
@@ -381,7 +384,7 @@ class _Trainer:
                     sums.add_metrics(metrics)
                     if not metrics or "loss" not in metrics:
                         sums.add("loss", loss.detach().float(), 1.0)
-        self.model.train()
+        _set_training(self.model, True)
         means = sums.reduce(acc)
         means.update(self.task.derived_metrics(dict(means)) or {})
         return {f"eval/{k}": v for k, v in means.items()}
@@ -591,6 +594,13 @@ class _Trainer:
         self.print(format_line(self.state.step, self.total_steps, metrics, sorted(metrics)))
         self.maybe_best(metrics)
         return metrics
+
+
+def _set_training(model: torch.nn.Module, training: bool) -> None:
+    """train()/eval(), also on a DeepSpeed engine, whose eval() leaves its own `.training` flag True (tasks
+    read `model.training` to tell training from evaluation)."""
+    model.train(training)
+    model.training = training
 
 
 def _max_over(acc, value: int) -> int:
