@@ -114,6 +114,7 @@ class Emissions:
 def single_chain_law(inst: TreeInstance, method: str | LevelsFn) -> tuple[Tensor, float]:
     """(completed output law [V^(K+1)], E[num_accepted]) of verify with drafts sampled from q."""
     tokens = all_sequences(inst.vocab, inst.depth)
+    tokens = tokens[draft_prob(inst, tokens) > 0]  # chains the draft never samples (truncated q)
     q, p = chain_rows(inst, tokens)
     weight = draft_prob(inst, tokens)
     tau_law, rows = decision_law(tokens, q, p, method)
@@ -128,6 +129,7 @@ def multi_chain_law(inst: TreeInstance, chains: int, method: str | LevelsFn) -> 
     """(completed output law, E[num_accepted]) of verify_multi with ``chains`` i.i.d. chains from q."""
     k = inst.depth
     tokens = all_sequences(inst.vocab, k * chains).view(-1, chains, k)
+    tokens = tokens[draft_prob(inst, tokens.reshape(-1, k)).view(-1, chains).prod(-1) > 0]
     flat = tokens.reshape(-1, k)
     q, p = chain_rows(inst, flat)
     weight = draft_prob(inst, flat).view(-1, chains).prod(-1)
@@ -141,3 +143,34 @@ def multi_chain_law(inst: TreeInstance, chains: int, method: str | LevelsFn) -> 
 
 def total_variation(a: Tensor, b: Tensor) -> float:
     return 0.5 * float((a - b).abs().sum())
+
+
+def point_mass_chain_law(inst: TreeInstance, chain: Tensor, method: str | LevelsFn,
+                         one_hot_rows: bool = False) -> tuple[Tensor, float]:
+    """(completed output law, E[num_accepted]) of verify on one deterministic draft chain [K].
+
+    The draft probabilities are None (point-mass path), or explicit one-hot rows if ``one_hot_rows``.
+    """
+    tokens = chain.view(1, -1)
+    _, p = chain_rows(inst, tokens)
+    q = torch.nn.functional.one_hot(tokens, inst.vocab).double() if one_hot_rows else None
+    tau_law, rows = decision_law(tokens, q, p, method)
+    out = Emissions(inst)
+    for n in range(inst.depth + 1):
+        out.add(tokens, torch.full((1,), n, dtype=torch.long), tau_law[:, n], rows[:, n])
+    return out.completed(), float((tau_law * torch.arange(inst.depth + 1, dtype=torch.float64)).sum())
+
+
+def truncated(inst: TreeInstance, keep_p: int, keep_q: int) -> TreeInstance:
+    """Top-k truncation of every target row (k = keep_p) and draft row (k = keep_q), renormalised."""
+    def top(rows: Tensor, keep: int) -> Tensor:
+        kth = rows.topk(keep, dim=-1).values[:, -1:]
+        cut = torch.where(rows >= kth, rows, torch.zeros_like(rows))
+        return cut / cut.sum(-1, keepdim=True)
+
+    return TreeInstance(inst.vocab, inst.depth, [top(r, keep_p) for r in inst.p], [top(r, keep_q) for r in inst.q])
+
+
+def draft_equals_target(inst: TreeInstance) -> TreeInstance:
+    """q = p after every prefix (w = 1 everywhere: zero denominators in block verification)."""
+    return TreeInstance(inst.vocab, inst.depth, inst.p, inst.p[: inst.depth])
