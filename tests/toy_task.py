@@ -35,9 +35,10 @@ class ToyConfig(BaseTrainConfig):
     sleep_per_step: float = 0.0  # seconds per training micro-batch (kill tests)
     crash_on_save_step: int = -1  # raise inside save_model of checkpoint step_<n> (atomicity test)
     record_ids: bool = False  # each rank appends the sample ids it trains on to <output_dir>/seen_rank<r>.txt
+    raise_after_batches: int = -1  # simulated crash: raise after this many training micro-batches
 
     resume_mutable: ClassVar[frozenset[str]] = BaseTrainConfig.resume_mutable | {
-        "sleep_per_step", "crash_on_save_step", "record_ids"}
+        "sleep_per_step", "crash_on_save_step", "record_ids", "raise_after_batches"}
 
 
 class ToyModel(nn.Module):
@@ -87,6 +88,9 @@ class ToyTask(TrainTask):
     def loss(self, model, batch):
         cfg = self.config
         if model.training:
+            self._batches = getattr(self, "_batches", 0) + 1
+            if 0 <= cfg.raise_after_batches < self._batches:
+                raise RuntimeError("simulated crash during training")
             if cfg.sleep_per_step:
                 time.sleep(cfg.sleep_per_step)
             if cfg.record_ids:

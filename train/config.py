@@ -125,7 +125,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _unknown_key(key: str, known: Sequence[str], where: str) -> ValueError:
-    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ValueError(f"unknown config key {key!r} ({where}){hint} Known keys: {', '.join(sorted(known))}")
 

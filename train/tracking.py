@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -80,7 +81,7 @@ class WandbTracker(Tracker):
         import wandb
 
         id_file = output_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self._run = wandb.init(project=project, name=run_name or None, id=run_id, resume="allow",
                                dir=str(output_dir), config=dict(config))
