@@ -86,10 +86,12 @@ def select_tau(levels: Levels, coins: Tensor) -> Tensor:
     coins = shift_coins(coins.to(levels.h.dtype), levels.start)
     k = coins.shape[-1]
     fixed = before_start(levels.start, k)
+    # A zero-probability level never succeeds, even for a coin of exactly 0 (so a draft token with
+    # p = 0 is never accepted); otherwise the rule is exactly coin * q <= p, resp. coin <= h.
     if levels.first_failure:
-        ok = (coins * levels.q_tok <= levels.p_tok) | fixed
+        ok = ((coins * levels.q_tok <= levels.p_tok) & (levels.p_tok > 0)) | fixed
         return ok.long().cumprod(-1).sum(-1)
-    success = (coins <= levels.h) & ~fixed
+    success = (coins <= levels.h) & (levels.h > 0) & ~fixed
     level = torch.arange(1, k + 1, device=coins.device).unsqueeze(0)
     return torch.where(success, level, levels.start.unsqueeze(1)).amax(-1)
 

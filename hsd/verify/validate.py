@@ -5,6 +5,11 @@ import torch
 from torch import Tensor
 
 ROW_SUM_TOL = 1e-3  # |sum - 1| allowed per probability row (float32 softmax/top-k outputs)
+
+
+def row_sum_tolerance(dtype: torch.dtype) -> float:
+    """ROW_SUM_TOL, widened to one machine epsilon for bfloat16 rows (8-bit mantissa)."""
+    return max(ROW_SUM_TOL, torch.finfo(dtype).eps)
 TOKEN_DTYPES = (torch.int64, torch.int32)
 PROB_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,9 +50,9 @@ def check_probs(name: str, probs: Tensor) -> None:
         raise ValueError(f"{name}: contains negative probabilities")
     acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
     err = (probs.sum(-1, dtype=acc) - 1.0).abs()
-    if err.numel() and float(err.max()) > ROW_SUM_TOL:
-        raise ValueError(f"{name}: rows must sum to 1 (worst |sum - 1| = {float(err.max()):.3g} "
-                         f"> {ROW_SUM_TOL})")
+    tol = row_sum_tolerance(probs.dtype)
+    if err.numel() and float(err.max()) > tol:
+        raise ValueError(f"{name}: rows must sum to 1 (worst |sum - 1| = {float(err.max()):.3g} > {tol:.3g})")
 
 
 def check_chain_inputs(draft_tokens: object, draft_probs: object, target_probs: object, *,
