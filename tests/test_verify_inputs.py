@@ -214,7 +214,8 @@ def test_uniforms_convention_block(method):
     cases = [((0.9, 0.6), 0.0, 1, 1),   # level 2 fails: residual (w_1 p - q)_+ = (0, 1/3) -> B
              ((0.9, 0.4), 0.2, 2, 0),   # full accept: bonus p = (1/3, 2/3), u = 0.2 -> A
              ((0.9, 0.4), 0.5, 2, 1),   # u = 0.5 -> B
-             ((0.5, 0.5), 0.9, 2, 1)]   # coin == h succeeds (<=)
+             ((0.9, 0.49), 0.9, 2, 1),
+             ((0.0, 0.51), 0.9, 1, 1)]
     for coins, u, n, token in cases:
         res = verify(t, q, p, method=method, uniforms=(torch.tensor([coins]), torch.tensor([u])))
         assert (int(res.num_accepted), int(res.next_token)) == (n, token), (coins, u)
