@@ -1,0 +1,477 @@
+"""Train early-exit verifier heads (HiSpec-style intermediate verifiers) on a frozen target.
+
+    python -m train.early_exit --config configs/early_exit/smollm2-135m.yaml [--resume] [key=value ...]
+    accelerate launch --config_file configs/accelerate/gpu1.yaml train/early_exit.py --config ...
+
+One frozen-target forward per batch (no grad; bf16 on GPU, fp32 on CPU) captures ``h_l`` for every
+candidate exit layer (default L/8, L/4, 3L/8, L/2) and the final logits; one head per layer (all of the
+same ``head_type``) trains in a single ``nn.Module`` (:class:`EarlyExitHeads`), so the shared loop
+(train/loop.py: checkpoints, resume, DeepSpeed, wandb, progress) sees one model.
+
+Loss, per layer, on positions whose *next* token is an assistant token (the positions at which the
+verifier is consulted while a response is generated): soft cross-entropy (= forward KL up to a constant)
+from the head's ``p_l = softmax(logits_l / T)`` to the target's ``p_f = softmax(logits_f / T)`` at the
+serving temperature ``T``; the total is the mean over layers. With a reduced draft vocabulary the
+teacher is ``p_f`` restricted to it and renormalised (as for EAGLE-3).
+
+Metrics per layer ``l`` (logged as ``train/<name>`` and ``eval/<name>``; means over positions):
+* ``alpha_L<l>``: expected acceptance ``sum_x min(p_f(x), p_l(x))`` (the real p_f, not renormalised);
+* ``top1_L<l>``: argmax agreement with the target; ``kl_L<l>``: KL(p_f || p_l) (to the restricted,
+  renormalised teacher when a draft vocabulary is used); ``ce_L<l>``: the loss term;
+* eval only: ``lens_alpha_L<l>``, ``lens_top1_L<l>``, ``lens_kl_L<l>`` for the untrained logit lens on the
+  same batches, so the gain is visible in every eval record;
+* derived: ``alpha_mean`` (mean over layers), ``lens_alpha_mean``, ``alpha_gain`` (= difference).
+``best_metric`` is ``eval/alpha_mean`` (max) or, with ``best_layer: l``, ``eval/alpha_L<l>``.
+
+The lens baseline is also evaluated once at setup (before any training) and written to
+``<output_dir>/lens_baseline.json``. Each saved model directory holds ``layer_<l>/`` (one
+``EarlyExitHead.from_pretrained``-able folder per layer), ``exit_metrics.json`` (per-layer lens vs
+trained metrics); checkpoints and ``final/`` also get the plot ``exit_quality.png``.
+
+Residual-stream rule: the target is frozen and never inside the trainable module; every training step
+re-checks that no target parameter requires grad and no adapter was injected into it, and every save
+checks that the target's checksum is unchanged since setup (ResidualStreamError otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+if __package__ in (None, ""):  # `accelerate launch train/early_exit.py`: put the repo root on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hsd.models import capture as cap  # noqa: E402
+from hsd.models.early_exit import (  # noqa: E402
+    HEAD_TYPES,
+    EarlyExitConfig,
+    EarlyExitHead,
+    ResidualStreamError,
+    assert_frozen_target,
+    check_exit_layer,
+    default_exit_layers,
+    target_checksum,
+)
+from train.config import BaseTrainConfig  # noqa: E402
+from train.loop import TrainTask, main  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EarlyExitTrainConfig(BaseTrainConfig):
+    """Run config of the early-exit trainer (BaseTrainConfig fields plus the head's)."""
+
+    output_dir: str = "runs/early_exit"
+    exit_layers: list[int] = dataclasses.field(default_factory=list)  # [] = L/8, L/4, 3L/8, L/2 (rounded)
+    head_type: str = "affine"  # affine | lowrank | mlp | attn  (lens = the baseline, always evaluated)
+    rank: int = 64  # lowrank only
+    lora_alpha: float = 0.0  # lowrank scaling alpha / rank; 0 = rank (scaling 1)
+    intermediate_size: int = 0  # mlp only; 0 = target hidden size
+    attn_num_heads: int = 0  # attn only; 0 = the target's
+    attn_num_kv_heads: int = 0  # attn only; 0 = the target's
+    temperature: float = 1.0  # serving temperature T of p_f and p_l (> 0)
+    draft_vocab_size: int = 0  # 0 = full target vocabulary; else the V_d most frequent assistant tokens
+    target_revision: str = ""  # recorded in the heads' configs
+    best_layer: int = 0  # 0: best checkpoint by eval/alpha_mean; l: by eval/alpha_L<l>
+    lens_baseline: bool = True  # evaluate the logit lens on the eval set at setup
+
+    def validate(self) -> None:
+        super().validate()
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}")
+        if self.head_type == "lens":
+            raise ValueError("head_type 'lens' has no trainable parameter (it is the baseline every run "
+                             "evaluates); choose affine, lowrank, mlp or attn")
+        if self.head_type == "lowrank" and self.rank <= 0:
+            raise ValueError(f"rank must be > 0 for head_type lowrank, got {self.rank}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        bad = [x for x in self.exit_layers if x < 1]
+        if bad:
+            raise ValueError(f"exit_layers must be >= 1 (number of target layers run), got {bad}")
+        if len(set(self.exit_layers)) != len(self.exit_layers):
+            raise ValueError(f"exit_layers must not repeat a layer, got {self.exit_layers}")
+        for name in ("draft_vocab_size", "intermediate_size", "attn_num_heads", "attn_num_kv_heads", "best_layer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_alpha < 0:
+            raise ValueError(f"lora_alpha must be >= 0 (0 = rank), got {self.lora_alpha}")
+        if self.best_layer and self.exit_layers and self.best_layer not in self.exit_layers:
+            raise ValueError(f"best_layer {self.best_layer} is not one of exit_layers {self.exit_layers}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure pieces
+# ----------------------------------------------------------------------------------------------------
+
+
+def next_token_positions(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: positions t whose next token t+1 is a (real) assistant token."""
+    sel = torch.zeros_like(loss_mask, dtype=torch.bool)
+    sel[:, :-1] = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    return sel
+
+
+def exit_metrics(head_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float,
+                 draft_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-position loss and quality of one exit: head_logits [N, V'] vs target_logits [N, V].
+
+    Returns [N] float32 tensors: ``ce`` (soft CE to the teacher, differentiable), ``kl`` (KL(teacher || p_l)),
+    ``alpha`` (sum_x min(p_f, p_l) with the true p_f), ``top1`` (argmax p_l == argmax p_f).
+    V' = V, or V_d with ``draft_ids`` [V_d] (head column j is target id draft_ids[j]); then the teacher is
+    p_f restricted to draft_ids and renormalised.
+    """
+    t = float(temperature)
+    p_f = torch.softmax(target_logits.float() / t, dim=-1)
+    logq = torch.log_softmax(head_logits.float() / t, dim=-1)
+    q = logq.exp()
+    p_on = p_f if draft_ids is None else p_f[:, draft_ids]
+    teacher = p_on if draft_ids is None else p_on / p_on.sum(-1, keepdim=True).clamp_min(1e-30)
+    ce = -(teacher * logq).sum(-1)
+    with torch.no_grad():
+        kl = (torch.xlogy(teacher, teacher) - teacher * logq).sum(-1)
+        alpha = torch.minimum(p_on, q).sum(-1)
+        pick = q.argmax(-1)
+        if draft_ids is not None:
+            pick = draft_ids[pick]
+        top1 = (pick == p_f.argmax(-1)).float()
+    return {"ce": ce, "kl": kl, "alpha": alpha, "top1": top1}
+
+
+def summarise(means: dict[str, float], layers: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """{str(l): {"lens": {alpha, top1, kl}, "trained": {alpha, top1, kl, ce}}} from un-prefixed means."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for layer in layers:
+        row: dict[str, dict[str, float]] = {}
+        for kind, prefix, names in (("lens", "lens_", ("alpha", "top1", "kl")),
+                                    ("trained", "", ("alpha", "top1", "kl", "ce"))):
+            vals = {n: means[f"{prefix}{n}_L{layer}"] for n in names if f"{prefix}{n}_L{layer}" in means}
+            if vals:
+                row[kind] = vals
+        out[str(layer)] = row
+    return out
+
+
+def plot_exit_quality(path: pathlib.Path, summary: dict[str, dict[str, dict[str, float]]], title: str) -> None:
+    """exit_quality.png: alpha and top-1 agreement per exit layer, lens (= before training) vs trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(int(k) for k in summary)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric, label in ((axes[0], "alpha", "expected acceptance α = Σ min(p_f, p_l)"),
+                              (axes[1], "top1", "top-1 agreement with the target")):
+        for kind, style, name in (("lens", "o--", "lens (before training)"), ("trained", "s-", "trained head")):
+            pts = [(layer, summary[str(layer)][kind][metric]) for layer in layers
+                   if metric in summary[str(layer)].get(kind, {})]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        ax.set_xlabel("exit layer l")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainable module
+# ----------------------------------------------------------------------------------------------------
+
+
+class EarlyExitHeads(nn.Module):
+    """One :class:`EarlyExitHead` per exit layer (``heads["layer_<l>"]``), trained together."""
+
+    def __init__(self, heads: dict[int, EarlyExitHead]):
+        super().__init__()
+        self.layers = sorted(heads)
+        self.heads = nn.ModuleDict({f"layer_{layer}": heads[layer] for layer in self.layers})
+
+    def head(self, layer: int) -> EarlyExitHead:
+        return self.heads[f"layer_{layer}"]
+
+    def forward(self, hidden_states: Sequence[torch.Tensor], select: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden_states: one [B, S, H] per layer (order of ``self.layers``); select [B, S] bool.
+        Returns one [N, V'] logits tensor per layer (N = select.sum())."""
+        if len(hidden_states) != len(self.layers):
+            raise ValueError(f"hidden_states: expected {len(self.layers)} tensors, got {len(hidden_states)}")
+        return tuple(self.head(layer)(h, select=select).logits for layer, h in zip(self.layers, hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split into (train, eval); eval gets round(eval_fraction * n) rows (at least 1 if > 0)."""
+    n = len(rows)
+    n_eval = 0 if eval_fraction <= 0 else max(1, round(eval_fraction * n))
+    if n_eval >= n:
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training rows out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+class EarlyExitTask(TrainTask):
+    """TrainTask for early-exit heads (see the module docstring)."""
+
+    best_metric = "eval/alpha_mean"
+    best_mode = "max"
+
+    def __init__(self, config: EarlyExitTrainConfig):
+        super().__init__(config)
+        if config.best_layer:
+            self.best_metric = f"eval/alpha_L{config.best_layer}"
+        self._model: EarlyExitHeads | None = None
+        self.lens_metrics: dict[str, float] = {}
+        self.last_means: dict[str, float] = {}
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup(self, accelerator) -> None:
+        from hsd.models import resolve
+        from train import chat_data
+        from train import distributed as dist_utils
+
+        cfg = self.config
+        self.accelerator = accelerator
+        if dist_utils.shards_target(accelerator, cfg):
+            raise ValueError("shard_target=true under ZeRO-3 is not supported by the early-exit trainer (the "
+                             "heads call the target's final norm and LM head directly); set shard_target=false "
+                             "(target replicated per GPU, heads sharded) or use ZeRO-2")
+        dtype = dist_utils.target_dtype(cfg)
+        target, tok = resolve.load_target(cfg.target, dtype=dtype, device="cpu")
+        self.target = dist_utils.prepare_frozen_target(accelerator, target, cfg)
+        self.tokenizer = tok
+        n = cap.num_layers(self.target)
+        self.layers = sorted(cfg.exit_layers) if cfg.exit_layers else default_exit_layers(n)
+        for layer in self.layers:
+            check_exit_layer(layer, n)
+        if cfg.best_layer and cfg.best_layer not in self.layers:
+            raise ValueError(f"best_layer {cfg.best_layer} is not one of the exit layers {self.layers}")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+        conversations = chat_data.load_conversations(list(cfg.data))
+        tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length,
+                                                overflow=cfg.overflow)
+        rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
+        rows = [r for r in rows if sum(r["loss_mask"][1:]) > 0]  # nothing to learn from otherwise
+        if not rows:
+            raise ValueError(f"data {cfg.data}: no example with assistant tokens after tokenisation ({stats})")
+        self._train, self._eval = split_rows(rows, cfg.eval_fraction, cfg.seed)
+        self.data_stats = stats
+
+        self.d2t = None
+        vocab = int(self.target.config.vocab_size)
+        if cfg.draft_vocab_size:
+            if cfg.draft_vocab_size > vocab:
+                raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} exceeds the target vocab {vocab}")
+            from train import draft_vocab
+
+            self.d2t, _, coverage = draft_vocab.build_draft_vocab(
+                self._train, target_vocab_size=vocab, draft_vocab_size=cfg.draft_vocab_size)
+            self.d2t = torch.as_tensor(self.d2t, dtype=torch.long)
+            self._print(f"draft vocab: {cfg.draft_vocab_size} of {vocab} tokens, "
+                        f"coverage {coverage:.4f} of assistant tokens")
+        self.target_checksum = target_checksum(self.target)
+        self._lens = {layer: self._make_head(layer, "lens") for layer in self.layers}
+        self._print(f"early exit: target {cfg.target} ({n} layers), exit layers {self.layers}, head {cfg.head_type}, "
+                    f"{len(self._train)} train / {len(self._eval)} eval conversations")
+        if cfg.lens_baseline and self._eval:
+            self.lens_metrics = self._evaluate_lens()
+            lines = ", ".join(f"L{layer}: α={self.lens_metrics[f'lens_alpha_L{layer}']:.4f} "
+                              f"top1={self.lens_metrics[f'lens_top1_L{layer}']:.4f}" for layer in self.layers)
+            self._print(f"lens baseline (before training, eval set): {lines}")
+            if accelerator.is_main_process:
+                out = pathlib.Path(cfg.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "lens_baseline.json").write_text(json.dumps(
+                    {"layers": self.layers, "metrics": self.lens_metrics,
+                     "per_layer": summarise(self.lens_metrics, self.layers)}, indent=2))
+
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(msg, flush=True)
+
+    def _make_head(self, layer: int, head_type: str) -> EarlyExitHead:
+        cfg = self.config
+        hcfg = EarlyExitConfig.from_target(
+            self.target, layer, head_type, rank=cfg.rank if head_type == "lowrank" else 0,
+            lora_alpha=cfg.lora_alpha or None, intermediate_size=cfg.intermediate_size,
+            training_temperature=cfg.temperature,
+            draft_vocab_size=cfg.draft_vocab_size or None, base_model_name_or_path=cfg.target,
+            base_model_revision=cfg.target_revision or None, num_attention_heads=cfg.attn_num_heads,
+            num_key_value_heads=cfg.attn_num_kv_heads)
+        head = EarlyExitHead(hcfg)
+        if self.d2t is not None:
+            head.set_draft_vocab(self.d2t)
+        return head.to(self.accelerator.device).attach_target(self.target)
+
+    def model(self) -> EarlyExitHeads:
+        if self._model is None:
+            self._model = EarlyExitHeads({layer: self._make_head(layer, self.config.head_type)
+                                          for layer in self.layers})
+            for head in self._model.heads.values():
+                assert_frozen_target(self.target, head.config.exit_layer, head=head)
+        return self._model
+
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        return self._eval or None
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        from train import chat_data
+
+        return chat_data.collate(rows, self.pad_id)
+
+    # -- forward pieces ---------------------------------------------------------------------------------
+    def _target_pass(self, batch: dict[str, torch.Tensor]):
+        """Frozen target: (h_l per exit layer [B, S, H], select [B, S], target logits at select [N, V])."""
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        sel = next_token_positions(am, batch["loss_mask"])
+        c = cap.capture(self.target, ids, am, layers=self.layers, logits=False, final_hidden=True)
+        with torch.no_grad():
+            target_logits = cap.lm_head(self.target)(c.final_hidden[sel]).float()
+        return [c.hidden_states[layer] for layer in self.layers], sel, target_logits
+
+    def _draft_ids(self, device) -> torch.Tensor | None:
+        if self.d2t is None:
+            return None
+        return (self.d2t + torch.arange(self.d2t.numel())).to(device)
+
+    def _evaluate_lens(self) -> dict[str, float]:
+        """Lens metrics over the whole eval set (this rank's shard, reduced over ranks)."""
+        from train.loop import _Sums, shard_indices
+
+        acc, bs = self.accelerator, self.config.batch_size
+        idx = shard_indices(len(self._eval), acc.process_index, acc.num_processes, seed=None, drop_tail=False)
+        sums = _Sums()
+        for i in range(0, len(idx), bs):
+            batch = {k: v.to(acc.device) for k, v in self.collate([self._eval[j] for j in idx[i:i + bs]]).items()}
+            with torch.no_grad():
+                hidden, sel, target_logits = self._target_pass(batch)
+                sums.add_metrics(self._lens_pairs(hidden, sel, target_logits))
+        return sums.reduce(acc)
+
+    def _lens_pairs(self, hidden, sel, target_logits) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        n = torch.tensor(float(target_logits.shape[0]))
+        out = {}
+        for layer, h in zip(self.layers, hidden):
+            m = exit_metrics(self._lens[layer](h, select=sel).logits, target_logits, self.config.temperature,
+                             self._draft_ids(h.device))
+            for name in ("alpha", "top1", "kl"):
+                out[f"lens_{name}_L{layer}"] = (m[name].sum(), n)
+        return out
+
+    def loss(self, model, batch):
+        if model.training:
+            # Residual-stream rule, every step: frozen, unadapted target (cheap: flags only).
+            assert_frozen_target(self.target, max(self.layers))
+        hidden, sel, target_logits = self._target_pass(batch)
+        logits = model(hidden, sel)
+        n_pos = target_logits.shape[0]
+        n = torch.tensor(float(n_pos), device=target_logits.device)
+        draft_ids = self._draft_ids(target_logits.device)
+        total = 0.0
+        metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ce_sum = torch.zeros((), device=target_logits.device)
+        for layer, lg in zip(self.layers, logits):
+            m = exit_metrics(lg, target_logits, self.config.temperature, draft_ids)
+            total = total + m["ce"].sum() / max(n_pos, 1)
+            ce_sum = ce_sum + m["ce"].detach().sum()
+            for name in ("ce", "kl", "alpha", "top1"):
+                metrics[f"{name}_L{layer}"] = (m[name].detach().sum(), n)
+        loss = total / len(self.layers)
+        if not model.training:
+            # eval/loss exactly position-weighted (the loop adds its own per-batch `loss` during training).
+            metrics["loss"] = (ce_sum / len(self.layers), n)
+            with torch.no_grad():
+                metrics.update(self._lens_pairs(hidden, sel, target_logits))
+        return loss, metrics
+
+    def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        out = {}
+        alphas = [means[f"alpha_L{layer}"] for layer in self.layers if f"alpha_L{layer}" in means]
+        if len(alphas) == len(self.layers):
+            out["alpha_mean"] = sum(alphas) / len(alphas)
+        lens = [means[f"lens_alpha_L{layer}"] for layer in self.layers if f"lens_alpha_L{layer}" in means]
+        if len(lens) == len(self.layers):
+            out["lens_alpha_mean"] = sum(lens) / len(lens)
+            if "alpha_mean" in out:
+                out["alpha_gain"] = out["alpha_mean"] - out["lens_alpha_mean"]
+            self.last_means = {**means, **out}  # eval means (only eval batches carry lens metrics)
+        return out
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def check_target_unchanged(self) -> None:
+        """ResidualStreamError if the target's weights changed since setup (or it became trainable)."""
+        assert_frozen_target(self.target, max(self.layers))
+        now = target_checksum(self.target)
+        if now != self.target_checksum:
+            raise ResidualStreamError("the target's weights changed during training (checksum mismatch): the "
+                                      "target must stay frozen; its layers-1..l states are reused by the final pass")
+
+    def _summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Per-layer lens vs trained numbers from logged metrics (eval preferred, else train)."""
+        means = {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
+        source = "eval"
+        if not any(k.startswith("alpha_L") for k in means):
+            means = {k[len("train/"):]: v for k, v in metrics.items() if k.startswith("train/")}
+            source = "train"
+        means = {**{k: v for k, v in self.lens_metrics.items() if k not in means}, **means}
+        cfg = self.config
+        return {"target": cfg.target, "target_revision": cfg.target_revision or None, "head_type": cfg.head_type,
+                "exit_layers": self.layers, "temperature": cfg.temperature,
+                "draft_vocab_size": cfg.draft_vocab_size or None, "step": metrics.get("step"),
+                "metrics_from": source, "alpha_mean": means.get("alpha_mean"),
+                "lens_alpha_mean": means.get("lens_alpha_mean"),
+                "per_layer": summarise(means, self.layers)}
+
+    def save_model(self, model, directory: pathlib.Path) -> None:
+        self.check_target_unchanged()
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one "Writing model shards" bar per head is noise
+        try:
+            for layer in model.layers:
+                model.head(layer).save_pretrained(directory / f"layer_{layer}")
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        summary = self._summary({f"eval/{k}": v for k, v in self.last_means.items()})
+        (directory / "exit_metrics.json").write_text(json.dumps(summary, indent=2))
+
+    def on_save(self, directory: pathlib.Path, metrics: dict) -> None:
+        summary = self._summary(metrics)
+        directory = pathlib.Path(directory)
+        (directory / "exit_metrics.json").write_text(json.dumps(summary, indent=2))
+        step = metrics.get("step")
+        plot_exit_quality(directory / "exit_quality.png", summary["per_layer"],
+                          f"{self.config.target}: {self.config.head_type} heads, step {step} "
+                          f"({summary['metrics_from']} metrics), T={self.config.temperature}")
+
+
+if __name__ == "__main__":
+    main(EarlyExitTask, EarlyExitTrainConfig)
