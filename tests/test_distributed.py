@@ -1,0 +1,78 @@
+"""2-process `accelerate launch` with DeepSpeed ZeRO-2 on the CPU (gloo): one job, disjoint shards, resume.
+
+Two launches: a run that crashes after step 10 (checkpoints at 4 and 8), then `--resume`. The resumed run
+redoes steps 9-10, whose losses must equal the crashed run's (ZeRO-partitioned optimizer state, scheduler,
+RNG and data position restored). The first DeepSpeed launch on a machine JIT-compiles an op (~95 s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from train import checkpoint as ckpt
+from train.tracking import read_jsonl
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: pathlib.Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_ds_zero2_2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "tests/toy_train_entry.py"), f"output_dir={out}", "max_steps=12", "save_every=4",
+           "eval_every=4", "record_ids=true", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _train_losses(out: pathlib.Path) -> dict[int, float]:
+    recs = [(r["step"], r["train/loss"]) for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+    assert len({s for s, _ in recs}) == len(recs), f"duplicate steps: {recs}"
+    return dict(recs)
+
+
+def test_two_process_deepspeed_zero2_cpu(tmp_path):
+    out = tmp_path / "ds"
+    first = _launch(out, "raise_after_batches=10")
+    assert first.returncode != 0 and "simulated crash during training" in first.stderr, first.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["zero_stage"] == 2 and "DEEPSPEED" in info["distributed_type"]
+    assert info["steps_per_epoch"] == 8  # 64 rows / 2 ranks / batch 4: each rank trains on half the data
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4, 8]
+    assert (out / "checkpoints/step_8/deepspeed/state").is_dir()
+    assert {p.name for p in (out / "checkpoints/step_8").glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}
+    crashed = _train_losses(out)
+    assert sorted(crashed) == list(range(1, 11))
+
+    # each rank saw a disjoint shard; together one epoch covers the whole dataset exactly once
+    seen = [[[int(t) for t in line.split()] for line in (out / f"seen_rank{r}.txt").read_text().splitlines()]
+            for r in range(2)]
+    epoch0 = [{i for line in lines[:8] for i in line} for lines in seen]
+    assert len(epoch0[0]) == len(epoch0[1]) == 32
+    assert not epoch0[0] & epoch0[1] and epoch0[0] | epoch0[1] == set(range(64))
+
+    second = _launch(out, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["start_step"] == 8 and info["world_size"] == 2
+    resumed = _train_losses(out)
+    assert sorted(resumed) == list(range(1, 13))  # step numbers continue, lost steps 9-10 redone once
+    for s in (9, 10):
+        assert resumed[s] == pytest.approx(crashed[s], abs=1e-6), (s, resumed[s], crashed[s])
+    assert sum(resumed[s] for s in (11, 12)) < 0.5 * sum(resumed[s] for s in (1, 2))
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [8, 12]
+    assert (out / "final/model.pt").is_file() and (out / "best/model.pt").is_file()
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]
