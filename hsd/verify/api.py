@@ -59,7 +59,8 @@ def draw_uniforms(coins_shape: tuple[int, ...], device: torch.device,
     return coins.to(device), u.to(device)
 
 
-def _cast(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor):
+def cast_inputs(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor):
+    """int64 tokens; probabilities in the compute dtype (float64 stays float64, else float32)."""
     dtype = compute_dtype(target_probs)
     q = None if draft_probs is None else draft_probs.to(dtype)
     return draft_tokens.long(), q, target_probs.to(dtype)
@@ -81,7 +82,8 @@ def verify(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tenso
     draft_tokens [B, K] int64; draft_probs [B, K, V] (q of each draft position) or None for
     point-mass drafts; target_probs [B, K+1, V] (row K is the bonus distribution). Both are the
     processed distributions actually sampled. method: "tokenwise" | "blockwise" | "hsd" (HSD and
-    blockwise have the same law). backend: "torch" | "triton" (same results for the same uniforms).
+    blockwise have the same law; a Levels builder like ``blockwise.levels`` is also accepted by the
+    torch backend, which is how the tests run variants through the real sampling path). backend: "torch" | "triton" (same results for the same uniforms).
     uniforms: optional (coins [B, K], u [B]) in [0, 1), convention of /work/interfaces.md;
     otherwise drawn with ``generator``. validate=False skips the input checks (hot loops).
     Emitted tokens: draft_tokens[b, :num_accepted[b]] then next_token[b].
@@ -104,7 +106,7 @@ def verify(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tenso
 
         n, token = verify_triton(draft_tokens, draft_probs, target_probs, method, coins, u)
         return VerifyResult(n.long(), token.long())
-    tokens, q, p = _cast(draft_tokens, draft_probs, target_probs)
+    tokens, q, p = cast_inputs(draft_tokens, draft_probs, target_probs)
     tau, token = sample(build(tokens, q, p), tokens, q, p, coins, u)
     return VerifyResult(tau, token)
 
@@ -116,7 +118,7 @@ def decision_law(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs:
     Returns (P_tau [B, K+1], rows [B, K+1, V]): P(num_accepted = k) and the normalised law of
     next_token given num_accepted = k (row K: the bonus row). Use float64 inputs for exact tests.
     """
-    tokens, q, p = _cast(draft_tokens, draft_probs, target_probs)
+    tokens, q, p = cast_inputs(draft_tokens, draft_probs, target_probs)
     levels = levels_fn(method)(tokens, q, p)
     rows, fallback = residual_all(levels, tokens, q, p)
     return tau_law(levels), normalized(rows, fallback)

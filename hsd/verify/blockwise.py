@@ -33,8 +33,8 @@ def level_masses(w: Tensor, draft_tokens: Tensor, draft_probs: Tensor | None, ta
     wk = w[:, 1:k]
     if draft_probs is None:
         return wk * (1.0 - p_tok[:, 1:]).clamp_min(0.0)
-    a = wk.unsqueeze(-1) * target_probs[:, 1:k] - draft_probs[:, 1:k]
-    return a.clamp_min(0.0).sum(-1)
+    a = wk.unsqueeze(-1) * target_probs[:, 1:k]
+    return a.sub_(draft_probs[:, 1:k]).clamp_min_(0.0).sum(-1)  # in place: one [B, K-1, V] buffer
 
 
 def levels(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,

@@ -51,8 +51,10 @@ def branch_masses(coef: Tensor, draft_tokens: Tensor, draft_probs: Tensor | None
     if draft_probs is None:
         px = p_tok[:, 1:]
         return coef * (1.0 - px).clamp_min(0.0), (1.0 - coef * px).clamp_min(0.0)
-    a = coef.unsqueeze(-1) * target_probs[:, 1:k] - draft_probs[:, 1:k]
-    return a.clamp_min(0.0).sum(-1), (-a).clamp_min(0.0).sum(-1)
+    a = (coef.unsqueeze(-1) * target_probs[:, 1:k]).sub_(draft_probs[:, 1:k])
+    net = a.sum(-1)  # plus - minus, summed over the actual rows (no normalisation assumed)
+    plus = a.clamp_min_(0.0).sum(-1)
+    return plus, (plus - net).clamp_min(0.0)
 
 
 def levels(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,

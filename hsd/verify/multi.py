@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .api import LevelsFn, VerifyResult, _cast, draw_uniforms, levels_fn
+from .api import LevelsFn, VerifyResult, cast_inputs, draw_uniforms, levels_fn
 from .common import Levels, inverse_cdf, normalized, residual_all, residual_at, select_tau, tau_law
 from .validate import check_chain_inputs, check_uniforms
 
@@ -112,7 +112,7 @@ def _prepare(draft_tokens, draft_probs, target_probs, method, validate):
     if validate:
         check_chain_inputs(draft_tokens, draft_probs, target_probs, names=NAMES, lead=2,
                            allow_point_mass=False)
-    return build, *_cast(draft_tokens, draft_probs, target_probs)
+    return build, *cast_inputs(draft_tokens, draft_probs, target_probs)
 
 
 def verify_multi(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, *, method: str = "hsd",

@@ -44,12 +44,16 @@ def check_probs(name: str, probs: Tensor) -> None:
         raise ValueError(f"{name}: expected a floating dtype, got {probs.dtype}")
     if probs.shape[-1] == 0:
         raise ValueError(f"{name}: empty vocabulary (V = 0)")
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"{name}: contains NaN or inf")
-    if bool((probs < 0).any()):
-        raise ValueError(f"{name}: contains negative probabilities")
+    # Two passes over the data: row sums (a NaN/inf anywhere makes its row sum non-finite) and min.
     acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    err = (probs.sum(-1, dtype=acc) - 1.0).abs()
+    sums = probs.sum(-1, dtype=acc)
+    if sums.numel() and not bool(torch.isfinite(sums).all()):
+        if bool(torch.isfinite(probs).all()):
+            raise ValueError(f"{name}: rows must sum to 1 (a row sum overflows)")
+        raise ValueError(f"{name}: contains NaN or inf")
+    if probs.numel() and float(probs.min()) < 0:
+        raise ValueError(f"{name}: contains negative probabilities")
+    err = (sums - 1.0).abs()
     tol = row_sum_tolerance(probs.dtype)
     if err.numel() and float(err.max()) > tol:
         raise ValueError(f"{name}: rows must sum to 1 (worst |sum - 1| = {float(err.max()):.3g} > {tol:.3g})")
