@@ -80,10 +80,12 @@ def zero_stage(accelerator) -> int:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def fill_deepspeed_config(accelerator, cfg: Any) -> None:
+def fill_deepspeed_config(accelerator, cfg: Any, model: torch.nn.Module | None = None) -> None:
     """Fill DeepSpeed "auto" values from the run config; a concrete value that disagrees -> ValueError.
 
     The loop prepares no dataloader (it shards data itself), so accelerate cannot infer the batch size.
+    ZeRO-3 bucket sizes left "auto" are sized from `model.config.hidden_size` by accelerate; for a model
+    without a config (e.g. a ModuleDict of heads) they are sized here from its widest 2-D weight.
     """
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
@@ -102,6 +104,14 @@ def fill_deepspeed_config(accelerator, cfg: Any) -> None:
         elif (float(cur) if key == "gradient_clipping" else cur) != value:
             raise ValueError(f"DeepSpeed config has {key}={cur} but the run config implies {value}; set it to "
                              "\"auto\" in configs/deepspeed/*.json or change the run config")
+    zero = ds.get("zero_optimization", {})
+    if model is not None and not hasattr(getattr(model, "config", None), "hidden_size"):
+        h = max([p.shape[-1] for p in model.parameters() if p.ndim == 2] or [1024])
+        sizes = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                 "stage3_param_persistence_threshold": 10 * h}
+        for key, value in sizes.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError("the DeepSpeed config must not define optimizer/scheduler: the loop builds AdamW and "
                          "the cosine schedule itself (remove those sections)")
@@ -121,28 +131,48 @@ def shards_target(accelerator, cfg: Any) -> bool:
     return zero_stage(accelerator) == 3 and bool(getattr(cfg, "shard_target", True))
 
 
+@contextlib.contextmanager
+def _hf_zero3_init(plugin, enable: bool):
+    """Make transformers build models partitioned by `deepspeed.zero.Init` (enable) or whole (not enable).
+
+    accelerate registers its DeepSpeed config with transformers for every ZeRO-3 run (whatever
+    `zero3_init_flag` says), and transformers then partitions any model it loads; this switches that
+    registration on or off for the duration of the block and restores it afterwards.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    previous = hf_ds._hf_deepspeed_config_weak_ref
+    keep = plugin.dschf if hasattr(plugin, "dschf") else None  # keeps the weakly referenced config alive
+    try:
+        if enable:
+            plugin.set_deepspeed_weakref()
+        else:
+            hf_ds.unset_hf_deepspeed_config()
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = previous
+        del keep
+
+
 def target_init_context(accelerator, cfg: Any):
-    """Context in which to load the frozen target (e.g. `from_pretrained`).
+    """Context in which to load the frozen target (e.g. `AutoModelForCausalLM.from_pretrained`).
 
     Under ZeRO-3 with `shard_target`, transformers partitions the weights as it loads them
-    (`deepspeed.zero.Init` via accelerate's HfDeepSpeedConfig), so no rank ever holds the full target.
-    Otherwise ZeRO-3 init is switched off so the target loads whole on every rank.
+    (`deepspeed.zero.Init`), so no rank ever holds the whole target. Under ZeRO-3 without it, the target
+    loads whole on every rank. Without ZeRO-3: no effect.
     """
-    plugin = deepspeed_plugin(accelerator)
-    if plugin is None or zero_stage(accelerator) != 3:
+    if zero_stage(accelerator) != 3:
         return contextlib.nullcontext()
-    return plugin.zero3_init_context_manager(enable=shards_target(accelerator, cfg))
+    return _hf_zero3_init(deepspeed_plugin(accelerator), shards_target(accelerator, cfg))
 
 
 def trainable_init_context(accelerator):
-    """Context for building the trainable head(s): never partitioned at construction under ZeRO-3.
-
-    (Heads copy weights from the target at init; the DeepSpeed engine partitions them in `prepare`.)
-    """
-    plugin = deepspeed_plugin(accelerator)
-    if plugin is None:
+    """Context for building the trainable head(s): never partitioned at construction under ZeRO-3
+    (heads copy weights from the target at init; accelerator.prepare partitions them afterwards).
+    The loop calls `task.model()` inside it; build heads there or wrap their construction in it."""
+    if zero_stage(accelerator) != 3:
         return contextlib.nullcontext()
-    return plugin.zero3_init_context_manager(enable=False)
+    return _hf_zero3_init(deepspeed_plugin(accelerator), False)
 
 
 def prepare_frozen_target(accelerator, model: torch.nn.Module, cfg: Any) -> torch.nn.Module:

@@ -298,6 +298,8 @@ class _Trainer:
 
         self.train_ds = self.task.train_dataset()
         self.eval_ds = self.task.eval_dataset()
+        if self.eval_ds is not None and len(self.eval_ds) == 0:
+            self.eval_ds = None  # nothing to evaluate on: no eval, no best/
         n = len(self.train_ds)
         per_rank = len(shard_indices(n, 0, self.world, seed=None))
         self.batches_per_epoch = per_rank // cfg.batch_size
@@ -316,7 +318,7 @@ class _Trainer:
         # would step it num_processes times per step).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, self.total_steps, self.warmup_steps, cfg.min_lr_ratio))
-        dist_utils.fill_deepspeed_config(acc, cfg)
+        dist_utils.fill_deepspeed_config(acc, cfg, model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_optimizer = optimizer
         self.state = TrainState(world_size=self.world)
