@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from train import checkpoint as ckpt
 from train.tracking import read_jsonl
@@ -51,7 +52,9 @@ def test_two_process_deepspeed_zero2_cpu(tmp_path):
     assert info["world_size"] == 2 and info["zero_stage"] == 2 and "DEEPSPEED" in info["distributed_type"]
     assert info["steps_per_epoch"] == 8  # 64 rows / 2 ranks / batch 4: each rank trains on half the data
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4, 8]
-    assert (out / "checkpoints/step_8/deepspeed/state").is_dir()
+    module = torch.load(out / "checkpoints/step_8/deepspeed/state/mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    assert set(module) == {"net.0.weight", "net.0.bias", "net.3.weight", "net.3.bias"}  # frozen not saved
     assert {p.name for p in (out / "checkpoints/step_8").glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}
     crashed = _train_losses(out)
     assert sorted(crashed) == list(range(1, 11))

@@ -176,8 +176,8 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-class _Sums:
-    """Local float64 (sum, count) accumulators keyed by metric name."""
+class MetricSums:
+    """Local float64 (sum, count) accumulators keyed by metric name; `reduce` gives exact global means."""
 
     def __init__(self):
         self.sums: dict[str, list[float]] = {}
@@ -373,7 +373,7 @@ class _Trainer:
         idx = shard_indices(len(ds), self.rank, self.world, seed=None, drop_tail=False)
         chunks = [idx[i:i + bs] for i in range(0, len(idx), bs)]
         n_max = _max_over(acc, len(chunks))
-        sums = _Sums()
+        sums = MetricSums()
         _set_training(self.model, False)
         with torch.no_grad():
             for i in range(n_max):
@@ -509,7 +509,7 @@ class _Trainer:
 
             progress = tqdm(total=self.total_steps, initial=st.step, desc="train", dynamic_ncols=True,
                             mininterval=1.0, file=sys.stderr)
-        window = _Sums()
+        window = MetricSums()
         win_tokens, win_start, grad_norm = 0, time.perf_counter(), None
         last_eval: dict[str, float] = {}
         last_train: dict[str, Any] = {}
@@ -558,7 +558,7 @@ class _Trainer:
                                              tok_s=f"{tok / elapsed:.0f}")
                     self.print(format_line(st.step, self.total_steps, last_train,
                                            ["train/loss", "lr", "grad_norm", "tokens_per_s"]))
-                    window, win_tokens, win_start = _Sums(), 0, time.perf_counter()
+                    window, win_tokens, win_start = MetricSums(), 0, time.perf_counter()
                 if self.eval_ds is not None and cfg.eval_every and st.step % cfg.eval_every == 0:
                     last_eval = self._eval_and_log()
                     evaluated_at = st.step
@@ -596,6 +596,9 @@ class _Trainer:
         self.print(format_line(self.state.step, self.total_steps, metrics, sorted(metrics)))
         self.maybe_best(metrics)
         return metrics
+
+
+_Sums = MetricSums  # older name, kept for callers
 
 
 def _set_training(model: torch.nn.Module, training: bool) -> None:
