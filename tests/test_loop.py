@@ -213,6 +213,14 @@ def test_refusals_and_overwrite(tmp_path):
     tr, _ = curves(out)
     assert sorted(tr) == [1, 2, 3]
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3]
+    # a checkpoint written by another number of processes is refused (shards would not line up)
+    state_file = out / "checkpoints/step_3/state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    run(out, "max_steps=3", "resume=true", expect=(ValueError, "written by 2 process"))
+    # a finished run whose checkpoints were deleted is not silently replaced
+    ckpt.remove(out / "checkpoints")
+    run(out, "max_steps=3", "resume=true", expect=(ValueError, "finished run"))
     # resume with nothing to resume: fresh start
     fresh = tmp_path / "fresh"
     run(fresh, "max_steps=2", "resume=true")

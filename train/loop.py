@@ -221,6 +221,9 @@ def _resume_plan(cfg: BaseTrainConfig, out: pathlib.Path) -> pathlib.Path | None
     Read-only, so every rank reaches the same decision (and raises the same error)."""
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     if latest is None:
+        if (out / "final").is_dir() and not cfg.overwrite:
+            raise ValueError(f"output_dir {str(out)!r} holds a finished run (final/) but no checkpoint to resume "
+                             "from; pass overwrite=true to replace it, or use another output_dir")
         return None
     if not cfg.resume:
         if cfg.overwrite:
