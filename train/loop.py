@@ -215,7 +215,7 @@ class MetricSums:
 # Start-up decisions
 
 
-def _resume_plan(cfg: BaseTrainConfig, out: pathlib.Path) -> pathlib.Path | None:
+def _resume_plan(cfg: BaseTrainConfig, out: pathlib.Path, world: int) -> pathlib.Path | None:
     """Which checkpoint to resume from (None: fresh start); ValueError for the refused cases.
 
     Read-only, so every rank reaches the same decision (and raises the same error)."""
@@ -241,6 +241,11 @@ def _resume_plan(cfg: BaseTrainConfig, out: pathlib.Path) -> pathlib.Path | None
         raise ValueError(
             f"cannot resume from {str(latest)!r}: its config differs in {sorted(diff)} ({lines}). Only "
             f"{sorted(type(cfg).resume_mutable)} may change on resume; use another output_dir for a new run.")
+    saved_world = ckpt.read_json(latest / "state.json").get("world_size", 1)
+    if saved_world != world:
+        raise ValueError(
+            f"checkpoint {str(latest)!r} was written by {saved_world} process(es) but this run has {world}: the "
+            "data shards (and ZeRO partitions) would not line up; resume with the same number of processes")
     return latest
 
 
@@ -276,7 +281,7 @@ class _Trainer:
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.acc
-        self.resume_from = _resume_plan(cfg, self.out)
+        self.resume_from = _resume_plan(cfg, self.out, self.world)
         if cfg.resume and self.resume_from is None:
             self.print(f"resume requested but {self.out}/checkpoints holds no checkpoint: starting fresh")
         acc.wait_for_everyone()
@@ -469,11 +474,6 @@ class _Trainer:
     def load_checkpoint(self, directory: pathlib.Path) -> None:
         st = ckpt.read_json(directory / "state.json")
         state = TrainState(**st)
-        if state.world_size != self.world:
-            raise ValueError(
-                f"checkpoint {str(directory)!r} was written by {state.world_size} process(es) but this run has "
-                f"{self.world}: the data shards (and ZeRO partitions) would not line up; resume with the same "
-                "number of processes")
         unwrapped = self.acc.unwrap_model(self.model)
         if self.ds:
             path, _ = self.model.load_checkpoint(str(directory / "deepspeed"), tag="state",
