@@ -257,7 +257,8 @@ class EarlyExitTask(TrainTask):
                              "heads call the target's final norm and LM head directly); set shard_target=false "
                              "(target replicated per GPU, heads sharded) or use ZeRO-2")
         dtype = dist_utils.target_dtype(cfg)
-        target, tok = resolve.load_target(cfg.target, dtype=dtype, device="cpu")
+        with dist_utils.target_init_context(accelerator, cfg):
+            target, tok = resolve.load_target(cfg.target, dtype=dtype, device="cpu")
         self.target = dist_utils.prepare_frozen_target(accelerator, target, cfg)
         self.tokenizer = tok
         n = cap.num_layers(self.target)
@@ -266,7 +267,7 @@ class EarlyExitTask(TrainTask):
             check_exit_layer(layer, n)
         if cfg.best_layer and cfg.best_layer not in self.layers:
             raise ValueError(f"best_layer {cfg.best_layer} is not one of the exit layers {self.layers}")
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.pad_id = chat_data.pad_id_of(tok)
 
         conversations = chat_data.load_conversations(list(cfg.data))
         tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length,
@@ -360,11 +361,11 @@ class EarlyExitTask(TrainTask):
 
     def _evaluate_lens(self) -> dict[str, float]:
         """Lens metrics over the whole eval set (this rank's shard, reduced over ranks)."""
-        from train.loop import _Sums, shard_indices
+        from train.loop import MetricSums, shard_indices
 
         acc, bs = self.accelerator, self.config.batch_size
         idx = shard_indices(len(self._eval), acc.process_index, acc.num_processes, seed=None, drop_tail=False)
-        sums = _Sums()
+        sums = MetricSums()
         for i in range(0, len(idx), bs):
             batch = {k: v.to(acc.device) for k, v in self.collate([self._eval[j] for j in idx[i:i + bs]]).items()}
             with torch.no_grad():
