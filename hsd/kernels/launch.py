@@ -1,0 +1,135 @@
+"""Python entry points of the Triton verification kernels: buffers, grids and launches.
+
+``verify_triton`` reads probabilities, ``verify_triton_logits`` raw logits with a temperature. Both
+return (num_accepted [B] int64, next_token [B] int64) with exactly the uniforms convention of
+``hsd.verify`` (see verify_kernels.py). No host synchronisation happens here, so a call can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from . import verify_kernels as kern
+
+METHOD_CODES = {"tokenwise": 0, "blockwise": 1, "hsd": 1}  # HSD (capped) has the law of blockwise
+DEFAULT_BLOCK_V = 4096
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _method_code(method: str) -> int:
+    if method not in METHOD_CODES:
+        raise ValueError(f"method: expected one of {sorted(METHOD_CODES)}, got {method!r}")
+    return METHOD_CODES[method]
+
+
+def _check(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, coins: Tensor, u: Tensor,
+           names: tuple[str, str]) -> tuple[int, int, int]:
+    """Shape/dtype/device checks that read no data (no host sync). Returns (B, K, V)."""
+    qn, pn = names
+    if draft_tokens.dim() != 2 or draft_tokens.shape[1] == 0:
+        raise ValueError(f"draft_tokens: expected shape [B, K] with K >= 1, got {tuple(draft_tokens.shape)}")
+    if draft_tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"draft_tokens: expected int64 or int32, got {draft_tokens.dtype}")
+    b, k = draft_tokens.shape
+    if target.dim() != 3 or target.shape[0] != b or target.shape[1] != k + 1 or target.shape[2] == 0:
+        raise ValueError(f"{pn}: expected shape {(b, k + 1, 'V')}, got {tuple(target.shape)}")
+    v = target.shape[2]
+    if target.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{pn}: expected a floating dtype, got {target.dtype}")
+    if draft is not None:
+        if tuple(draft.shape) != (b, k, v):
+            raise ValueError(f"{qn}: expected shape {(b, k, v)}, got {tuple(draft.shape)}")
+        if draft.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{qn}: expected a floating dtype, got {draft.dtype}")
+    if tuple(coins.shape) != (b, k):
+        raise ValueError(f"coins: expected shape {(b, k)}, got {tuple(coins.shape)}")
+    if tuple(u.shape) != (b,):
+        raise ValueError(f"u: expected shape {(b,)}, got {tuple(u.shape)}")
+    for name, t in (("draft_tokens", draft_tokens), (qn, draft), ("coins", coins), ("u", u)):
+        if t is not None and t.device != target.device:
+            raise ValueError(f"{name}: on {t.device} but {pn} is on {target.device}")
+    return b, k, v
+
+
+def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: str, coins: Tensor,
+            u: Tensor, temperature: float | None, block_v: int, num_warps: int | None) -> tuple[Tensor, Tensor]:
+    logits = temperature is not None
+    names = ("draft_logits", "target_logits") if logits else ("draft_probs", "target_probs")
+    b, k, v = _check(draft_tokens, draft, target, coins, u, names)
+    code = _method_code(method)
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v: expected a power of two >= 16, got {block_v}")
+    block_v = min(block_v, max(16, triton.next_power_of_2(v)))
+    dev = target.device
+    tokens = draft_tokens.to(torch.int64).contiguous()
+    p = target.contiguous()
+    has_q = draft is not None
+    q = draft.contiguous() if has_q else p  # dummy pointer for point-mass drafts (never read)
+    coins = coins.to(torch.float32).contiguous()
+    u = u.to(torch.float32).contiguous()
+    nb = triton.cdiv(v, block_v)
+    k_pow2 = triton.next_power_of_2(k + 1)  # holds K draft positions and K + 1 target rows
+    nb_pow2 = max(2, triton.next_power_of_2(nb))
+    warps = {} if num_warps is None else {"num_warps": num_warps}
+    f32 = torch.float32
+    temp = 1.0 if temperature is None else float(temperature)
+
+    mp = sp = mq = sq = coins  # dummy pointers where a buffer is not used (never read)
+    if logits:
+        mp = torch.empty(b * (k + 1), nb, dtype=f32, device=dev)
+        sp = torch.empty_like(mp)
+        kern._row_stats_kernel[(b * (k + 1), nb)](p, mp, sp, v, nb, temp, BLOCK_V=block_v, **warps)
+        if has_q:
+            mq = torch.empty(b * k, nb, dtype=f32, device=dev)
+            sq = torch.empty_like(mq)
+            kern._row_stats_kernel[(b * k, nb)](q, mq, sq, v, nb, temp, BLOCK_V=block_v, **warps)
+    lse_p = torch.empty(b * (k + 1), dtype=f32, device=dev) if logits else coins
+    lse_q = torch.empty(b * k, dtype=f32, device=dev) if logits and has_q else coins
+    log_w = torch.empty(b * (k + 1), dtype=f32, device=dev)
+    p_tok = torch.empty(b * k, dtype=f32, device=dev)
+    q_tok = torch.empty(b * k, dtype=f32, device=dev)
+    flags = dict(HAS_Q=has_q, LOGITS=logits)
+    kern._scalars_kernel[(b,)](tokens, p, q, mp, sp, mq, sq, lse_p, lse_q, log_w, p_tok, q_tok, k, v, nb, temp,
+                               METHOD=code, **flags, K_POW2=k_pow2, NB_POW2=nb_pow2)
+
+    part_p = torch.empty(b * (k + 1), nb, dtype=f32, device=dev)
+    part_r = torch.empty(b * k, nb, dtype=f32, device=dev)
+    kern._partials_kernel[(b * (k + 1), nb)](tokens, p, q, lse_p, lse_q, log_w, part_p, part_r, k, v, nb, temp,
+                                             **flags, BLOCK_V=block_v, **warps)
+    num_accepted = torch.empty(b, dtype=torch.int64, device=dev)
+    next_token = torch.empty(b, dtype=torch.int64, device=dev)
+    kern._decide_kernel[(b,)](tokens, p, q, lse_p, lse_q, log_w, p_tok, q_tok, part_p, part_r, coins, u,
+                              num_accepted, next_token, k, v, nb, temp, METHOD=code, **flags,
+                              BLOCK_V=block_v, K_POW2=k_pow2, NB_POW2=nb_pow2, **warps)
+    return num_accepted, next_token
+
+
+def verify_triton(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor, method: str,
+                  coins: Tensor, u: Tensor, *, block_v: int = DEFAULT_BLOCK_V,
+                  num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Single-chain verification from probabilities (the ``backend="triton"`` of hsd.verify.verify).
+
+    draft_tokens [B, K] int64; draft_probs [B, K, V] or None (point-mass drafts); target_probs
+    [B, K+1, V]; method "tokenwise" | "blockwise" | "hsd"; coins [B, K] and u [B] in [0, 1).
+    Returns (num_accepted [B] int64, next_token [B] int64). Values are validated by the caller
+    (rows sum to 1, q > 0 on draft tokens); only shapes, dtypes and devices are checked here.
+    Computed in float32 (float64 inputs are read as float32).
+    """
+    return _launch(draft_tokens, draft_probs, target_probs, method, coins, u, None, block_v, num_warps)
+
+
+def verify_triton_logits(draft_tokens: Tensor, draft_logits: Tensor | None, target_logits: Tensor,
+                         temperature: float, method: str, coins: Tensor, u: Tensor, *,
+                         block_v: int = DEFAULT_BLOCK_V, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Same as :func:`verify_triton` on softmax(logits / temperature), reading raw logits.
+
+    draft_logits [B, K, V] or None; target_logits [B, K+1, V]; -inf entries (top-k truncation)
+    are allowed, but every row needs a finite entry. temperature > 0 (use greedy_verify for T = 0).
+    A row log-sum-exp pass runs first, so the logits are read twice.
+    """
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return _launch(draft_tokens, draft_logits, target_logits, method, coins, u, float(temperature),
+                   block_v, num_warps)
