@@ -43,8 +43,8 @@ def test_triton_equals_torch(b, k, v, spread, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_triton_equals_torch_edge_cases(method):
-    tokens, q, p, uniforms = close_inputs(12, 3, 23, seed=7)
-    rows = torch.arange(12)
+    tokens, q, p, uniforms = close_inputs(8, 3, 23, seed=7)
+    rows = torch.arange(8)
     zero = p.clone()
     zero[rows[::2], 1, tokens[::2, 1]] = 0.0  # zero target probability on a draft token
     zero = zero / zero.sum(-1, keepdim=True)

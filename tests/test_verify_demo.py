@@ -22,7 +22,7 @@ def test_toy_table_values():
 
 def test_demo_runs():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "hsd.verify", "--demo", "--samples", "3000"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "hsd.verify", "--demo", "--samples", "1000"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
