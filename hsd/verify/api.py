@@ -81,9 +81,11 @@ def verify(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tenso
 
     draft_tokens [B, K] int64; draft_probs [B, K, V] (q of each draft position) or None for
     point-mass drafts; target_probs [B, K+1, V] (row K is the bonus distribution). Both are the
-    processed distributions actually sampled. method: "tokenwise" | "blockwise" | "hsd" (HSD and
-    blockwise have the same law; a Levels builder like ``blockwise.levels`` is also accepted by the
-    torch backend, which is how the tests run variants through the real sampling path). backend: "torch" | "triton" (same results for the same uniforms).
+    processed distributions actually sampled.
+    method: "tokenwise" | "blockwise" | "hsd" (HSD and blockwise have the same law). The torch
+    backend also takes a Levels builder such as ``blockwise.levels``: that is how the tests run
+    variants through the real sampling path.
+    backend: "torch" | "triton" (hsd.kernels; identical results for the same uniforms).
     uniforms: optional (coins [B, K], u [B]) in [0, 1), convention of /work/interfaces.md;
     otherwise drawn with ``generator``. validate=False skips the input checks (hot loops).
     Emitted tokens: draft_tokens[b, :num_accepted[b]] then next_token[b].
