@@ -61,6 +61,16 @@ def _raw_ids(path: str, n: int) -> list | None:
     return ids
 
 
+def drop_cut_line(out: Path) -> None:
+    """Remove a last line without a newline (a write cut by a kill), so that appending starts cleanly."""
+    if not out.exists() or out.stat().st_size == 0:
+        return
+    data = out.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(out, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
 def done_ids(out: Path) -> set[str]:
     if not out.exists():
         return set()
@@ -148,6 +158,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.overwrite and out.exists():
         out.unlink()
+    drop_cut_line(out)
     skip = done_ids(out)
     todo = [Job(r) for r in rows if r["id"] not in skip]
     print(f"{len(rows)} conversations, {len(rows) - len(todo)} already in {out}, {len(todo)} to generate")
