@@ -42,6 +42,7 @@ def make_accelerator(cfg: Any):
     kwargs: dict[str, Any] = {}
     if not torch.cuda.is_available():
         if use_deepspeed_env():
+            _skip_deepspeed_shm_op()
             # accelerate leaves backend=None on CPU; DeepSpeed then builds its own 2-rank group while
             # accelerate believes it is alone (train_batch_size assertion or silent world size 1).
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
@@ -61,6 +62,24 @@ def make_accelerator(cfg: Any):
         raise ValueError(f"grad_accum={cfg.grad_accum} but accelerate uses {acc.gradient_accumulation_steps} "
                          "(set by the accelerate config / ACCELERATE_GRADIENT_ACCUMULATION_STEPS); make them agree")
     return acc
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at process-group start (~95 s on a fresh
+    machine) that only its inference all-reduce uses; training never calls it, so it is not built.
+    Set HSD_DEEPSPEED_SHM_OP=1 to keep DeepSpeed's default."""
+    if os.environ.get("HSD_DEEPSPEED_SHM_OP") == "1":
+        return
+    import importlib
+
+    try:
+        # import_module, not `import deepspeed.comm.torch as m`: the package namespace has a `torch`
+        # attribute (the real torch) that the `as` form would bind instead of the submodule.
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:  # pragma: no cover - deepspeed absent: accelerate will say so
+        return
+    if hasattr(ds_comm_torch, "build_shm_op"):
+        ds_comm_torch.build_shm_op = lambda: None
 
 
 def deepspeed_plugin(accelerator):
