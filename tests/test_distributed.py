@@ -2,7 +2,7 @@
 
 Two launches: a run that crashes after step 10 (checkpoints at 4 and 8), then `--resume`. The resumed run
 redoes steps 9-10, whose losses must equal the crashed run's (ZeRO-partitioned optimizer state, scheduler,
-RNG and data position restored). The first DeepSpeed launch on a machine JIT-compiles an op (~95 s).
+RNG and data position restored). No DeepSpeed op is JIT-compiled (train.distributed skips the CPU shm op).
 """
 from __future__ import annotations
 
