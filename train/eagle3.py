@@ -1,0 +1,321 @@
+"""Train an EAGLE-3 draft head on a frozen target (online: the target runs in the training process).
+
+    python -m train.eagle3 --config configs/eagle3/smollm2-135m.yaml [--resume] [key=value ...]
+    accelerate launch [--config_file configs/accelerate/<x>.yaml] train/eagle3.py --config configs/eagle3/<run>.yaml
+
+Per batch: one frozen-target forward captures the token embeddings (hidden-state index 0), the three
+aux hidden states ``eagle_aux_hidden_state_layer_ids`` (default ``[2, N//2, N-3]``) and the final hidden
+state; the target's LM head runs only on the rows whose next token is an assistant token (the teacher
+rows). The head then unrolls ``ttt_steps`` training-time-test steps (train/ttt.py documents alignment,
+attention, loss and metrics). ``best/`` is chosen on held-out ``eval/sim_accept_len`` (max).
+
+Set-up (every rank): target + tokenizer (hsd.models.resolve; fp32 on CPU, bf16 on GPU unless
+``target_dtype``), conversations (train.chat_data: chat template, assistant mask, truncate/drop counted),
+seeded eval split (``eval_fraction``), draft vocabulary from the *training* split's assistant tokens
+(train.draft_vocab; coverage printed and written to ``<output_dir>/draft_vocab.json`` and next to every
+saved head), head config from the target (``Eagle3Config.from_target``). ``init_from_target`` starts
+``lm_head`` from the target's LM-head rows of the draft vocabulary and ``norm`` from its final norm
+(much faster early training); ``init_from`` warm-starts from a saved head (its vocabulary is kept).
+
+Bad input raises ValueError before any training: aux ids the target does not have, a tokenizer larger than
+the target vocabulary or data ids outside it, ``draft_vocab_size`` > target vocab, an ``init_from`` head
+for another vocabulary/shape, data without conversations or assistant turns (train.chat_data).
+Feature source: online only (no offline feature cache module exists in this repository yet).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+if __package__ in (None, ""):  # `accelerate launch train/eagle3.py`: put the repo root on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hsd.models import capture as cap  # noqa: E402
+from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel  # noqa: E402
+from train import ttt  # noqa: E402
+from train.config import BaseTrainConfig  # noqa: E402
+from train.loop import TrainTask, main  # noqa: E402
+
+
+@dataclasses.dataclass
+class Eagle3TrainConfig(BaseTrainConfig):
+    """Run config of the EAGLE-3 trainer (BaseTrainConfig fields plus the head's and TTT's)."""
+
+    output_dir: str = "runs/eagle3"
+    lr: float = 1e-4
+    ttt_steps: int = 7  # K unrolled draft steps
+    step_weight: float = 0.8  # gamma: loss weight of step k is gamma**k
+    draft_vocab_size: int = 32000  # Vd most frequent assistant tokens (must be <= target vocab)
+    aux_layer_ids: list[int] = dataclasses.field(default_factory=list)  # [] = [2, N//2, N-3] (HF indices)
+    attention: str = "sdpa"  # sdpa (fast) | reference (explicit scores; same numbers)
+    init_from_target: bool = True  # lm_head <- target LM-head rows of the draft vocab, norm <- final norm
+    init_from: str = ""  # folder of a saved head to warm-start from (weights and draft vocabulary)
+    intermediate_size: int = 0  # head MLP size; 0 = the target's
+    target_revision: str = ""  # recorded in draft_vocab.json for provenance
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ttt_steps < 1:
+            raise ValueError(f"ttt_steps must be >= 1, got {self.ttt_steps}")
+        if not self.step_weight > 0:
+            raise ValueError(f"step_weight must be > 0, got {self.step_weight}")
+        if self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        if self.attention not in ttt.ATTENTION:
+            raise ValueError(f"attention must be one of {sorted(ttt.ATTENTION)}, got {self.attention!r}")
+        if self.aux_layer_ids and len(self.aux_layer_ids) != 3:
+            raise ValueError(f"aux_layer_ids must list exactly 3 hidden-state indices (or be empty for the "
+                             f"default), got {self.aux_layer_ids}")
+        if any(i < 0 for i in self.aux_layer_ids):
+            raise ValueError(f"aux_layer_ids must be >= 0, got {self.aux_layer_ids}")
+        if self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size must be >= 0 (0 = the target's), got {self.intermediate_size}")
+
+
+class Eagle3TTTModel(nn.Module):
+    """The trainable module the loop sees: the draft head plus its TTT unroll as ``forward``."""
+
+    def __init__(self, draft: Eagle3DraftModel, steps: int, attention: str):
+        super().__init__()
+        self.draft = draft
+        self.config = draft.config  # DeepSpeed "auto" bucket sizes read config.hidden_size
+        self.steps = steps
+        self.attention = attention
+
+    def forward(self, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+        """-> per-step draft logits [N_k, Vd] at ``ttt.step_rows(rows, k)``."""
+        return ttt.ttt_unroll(self.draft, features, embeds, rows, self.steps, self.attention)
+
+
+def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split -> (train, eval); eval gets round(eval_fraction * n) rows, at least 1 when > 0."""
+    n = len(rows)
+    n_eval = 0 if eval_fraction <= 0 else max(1, round(eval_fraction * n))
+    if n_eval >= n:
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training conversation out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def _vocab_of(config: Any) -> int:
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(tc.vocab_size)
+
+
+class Eagle3Task(TrainTask):
+    """TrainTask for EAGLE-3 heads (see the module docstring)."""
+
+    best_metric = "eval/sim_accept_len"
+    best_mode = "max"
+
+    def __init__(self, config: Eagle3TrainConfig):
+        super().__init__(config)
+        self._model: Eagle3TTTModel | None = None
+        self.vocab_info: dict[str, Any] = {}
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def setup(self, accelerator) -> None:
+        from hsd.models import resolve
+        from train import chat_data, draft_vocab
+        from train import distributed as dist_utils
+
+        cfg: Eagle3TrainConfig = self.config
+        self.accelerator = accelerator
+        with dist_utils.target_init_context(accelerator, cfg):
+            target, tok = resolve.load_target(cfg.target, dtype=dist_utils.target_dtype(cfg), device="cpu")
+        vocab = _vocab_of(target.config)
+        if len(tok) > vocab:
+            raise ValueError(f"tokenizer of {cfg.target!r} has {len(tok)} tokens but the target's vocabulary is "
+                             f"{vocab}: tokenizer/vocab mismatch")
+        if cfg.draft_vocab_size > vocab:
+            raise ValueError(f"draft_vocab_size ({cfg.draft_vocab_size}) is larger than the target vocabulary "
+                             f"({vocab})")
+        overrides = {"intermediate_size": cfg.intermediate_size} if cfg.intermediate_size else {}
+        # Validates the aux ids against the target (ValueError naming them) before any data work.
+        self.head_config = Eagle3Config.from_target(target.config, cfg.draft_vocab_size,
+                                                    cfg.aux_layer_ids or None, **overrides)
+        self.aux_ids = self.head_config.aux_layer_ids
+        self.capture_ids = sorted({0, *self.aux_ids})  # index 0 = token embeddings (the head's inputs)
+        self.init_head = self._load_init_head(vocab) if cfg.init_from else None
+
+        engine = dist_utils.prepare_frozen_target(accelerator, target, cfg)
+        self.target = getattr(engine, "module", engine)  # ZeRO-3: hooks on the partitioned modules gather
+        self.tokenizer = tok
+        self.pad_id = chat_data.pad_id_of(tok)
+
+        conversations = chat_data.load_conversations(list(cfg.data))
+        tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length, overflow=cfg.overflow)
+        rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
+        top = max(max(r["input_ids"]) for r in rows)
+        if top >= vocab:
+            raise ValueError(f"data token id {top} is outside the target vocabulary of {vocab} "
+                             "(tokenizer/vocab mismatch between data and target)")
+        kept = [r for r in rows if sum(r["loss_mask"][1:]) > 0]  # a teacher row needs an assistant token at t>=1
+        stats["dropped_no_teacher_row"] = len(rows) - len(kept)
+        if not kept:
+            raise ValueError(f"data {cfg.data}: no conversation has an assistant token to predict ({stats})")
+        self._train, self._eval = split_rows(kept, cfg.eval_fraction, cfg.seed)
+        self.data_stats = stats
+        self._print(f"data: {stats['rows']} conversations, kept {len(kept)} (truncated {stats['truncated']}, "
+                    f"dropped {stats['dropped_too_long']} longer than max_length={cfg.max_length}, "
+                    f"{stats['dropped_no_assistant'] + stats['dropped_no_teacher_row']} without assistant tokens); "
+                    f"{len(self._train)} train / {len(self._eval)} eval")
+
+        if self.init_head is not None:
+            self.d2t = self.init_head.d2t.detach().cpu().clone()
+            self.t2d = self.init_head.t2d.detach().cpu().clone()
+            counts = draft_vocab.token_counts(self._train, vocab)
+            total = int(counts.sum())
+            coverage = float(counts[self.t2d].sum()) / total if total else 0.0
+        else:
+            self.d2t, self.t2d, coverage = draft_vocab.build_draft_vocab(
+                self._train, target_vocab_size=vocab, draft_vocab_size=cfg.draft_vocab_size)
+        self.draft_ids = torch.arange(self.d2t.numel()) + self.d2t
+        self.vocab_info = {
+            "target": cfg.target, "target_revision": cfg.target_revision or None, "target_vocab_size": vocab,
+            "draft_vocab_size": int(self.d2t.numel()), "coverage": coverage,
+            "coverage_of": "assistant tokens of the training split",
+            "aux_layer_ids": self.aux_ids,
+            "aux_layer_ids_convention": "Hugging Face output_hidden_states indices = vLLM 'capture before layer j'",
+            "ttt_steps": cfg.ttt_steps, "step_weight": cfg.step_weight, "data": list(cfg.data),
+            "data_stats": {k: v for k, v in stats.items()},
+        }
+        self._print(f"draft vocab: {self.d2t.numel()} of {vocab} tokens, coverage {coverage:.4f} of assistant "
+                    f"tokens; aux layers {self.aux_ids} of {cap.num_layers(self.target)}")
+        if accelerator.is_main_process:
+            out = pathlib.Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "draft_vocab.json").write_text(json.dumps(self.vocab_info, indent=2))
+        self._init_tensors = self._target_init_tensors() if (cfg.init_from_target and self.init_head is None) else None
+
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(msg, flush=True)
+
+    def _load_init_head(self, vocab: int) -> Eagle3DraftModel:
+        cfg: Eagle3TrainConfig = self.config
+        head = Eagle3DraftModel.from_pretrained(cfg.init_from)
+        hc, want = head.config, self.head_config
+        if hc.vocab_size != vocab:
+            raise ValueError(f"init_from {cfg.init_from!r} was trained for a vocabulary of {hc.vocab_size} tokens "
+                             f"but the target has {vocab} (tokenizer/vocab mismatch)")
+        if hc.draft_vocab_size != cfg.draft_vocab_size:
+            raise ValueError(f"init_from {cfg.init_from!r} has draft_vocab_size {hc.draft_vocab_size} but the run "
+                             f"asks for {cfg.draft_vocab_size}")
+        for name in ("hidden_size", "fc_input_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if getattr(hc, name) != getattr(want, name):
+                raise ValueError(f"init_from {cfg.init_from!r} has {name}={getattr(hc, name)} but this target/run "
+                                 f"needs {getattr(want, name)}")
+        if hc.aux_layer_ids != want.aux_layer_ids:
+            raise ValueError(f"init_from {cfg.init_from!r} reads aux layers {hc.aux_layer_ids} but this run uses "
+                             f"{want.aux_layer_ids}")
+        return head
+
+    @torch.no_grad()
+    def _target_init_tensors(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the target's LM-head rows of the draft vocab [Vd, H] and final-norm weight [H]."""
+        from train import distributed as dist_utils
+
+        head_w = cap.lm_head(self.target).weight
+        norm_w = getattr(cap.final_norm(self.target), "weight", None)
+        params = [p for p in (head_w, norm_w) if p is not None]
+        if dist_utils.shards_target(self.accelerator, self.config):
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        else:
+            import contextlib
+
+            ctx = contextlib.nullcontext()
+        with ctx:
+            rows = head_w[self.draft_ids.to(head_w.device)].float().cpu().clone()
+            norm = norm_w.float().cpu().clone() if norm_w is not None else None
+        return {"lm_head_rows": rows, "norm": norm}
+
+    # -- model / data -----------------------------------------------------------------------------------
+    def build_draft(self) -> Eagle3DraftModel:
+        draft = Eagle3DraftModel(self.head_config)
+        draft.set_draft_vocab(self.d2t, self.t2d)
+        if self.init_head is not None:
+            draft.load_state_dict(self.init_head.state_dict())
+            self._print(f"head initialised from {self.config.init_from}")
+        elif self._init_tensors is not None:
+            t = self._init_tensors
+            with torch.no_grad():
+                done = []
+                if tuple(t["lm_head_rows"].shape) == tuple(draft.lm_head.weight.shape):
+                    draft.lm_head.weight.copy_(t["lm_head_rows"])
+                    done.append("lm_head <- target LM-head rows")
+                if t["norm"] is not None and tuple(t["norm"].shape) == tuple(draft.norm.weight.shape):
+                    draft.norm.weight.copy_(t["norm"])
+                    done.append("norm <- target final norm")
+            self._print("head init: " + (", ".join(done) or "random (shapes differ from the target's)"))
+        return draft
+
+    def model(self) -> Eagle3TTTModel:
+        if self._model is None:
+            self._model = Eagle3TTTModel(self.build_draft(), self.config.ttt_steps, self.config.attention)
+        return self._model
+
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        return self._eval or None
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        from train import chat_data
+
+        return chat_data.collate(rows, self.pad_id)
+
+    # -- loss ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def target_pass(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, ttt.TTTTargets]:
+        """Frozen target -> (features [B, S, 3H_t], token embeddings [B, S, H], teacher targets)."""
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        c = cap.capture(self.target, ids, am, layers=self.capture_ids, logits=False, final_hidden=True)
+        features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
+        rows = ttt.teacher_rows(batch["loss_mask"], am)
+        row_logits = cap.lm_head(self.target)(c.final_hidden[rows]).float()
+        targets = ttt.build_targets(row_logits, rows, self.draft_ids.to(ids.device), self.t2d.to(ids.device))
+        return features, c.hidden_states[0], targets
+
+    def loss(self, model, batch):
+        features, embeds, targets = self.target_pass(batch)
+        step_logits = model(features, embeds, targets.rows)
+        return ttt.ttt_loss(step_logits, targets, self.draft_ids.to(targets.rows.device), self.config.step_weight)
+
+    def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        out = ttt.derived_metrics(means, self.config.ttt_steps)
+        losses = [means.get(f"loss_{k}") for k in range(self.config.ttt_steps)]
+        if all(v is not None for v in losses):
+            out["ttt_loss"] = sum(self.config.step_weight ** k * v for k, v in enumerate(losses))
+        return out
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def save_model(self, model, directory: pathlib.Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        draft = model.draft if isinstance(model, Eagle3TTTModel) else model
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            draft.save_pretrained(directory, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        (directory / "draft_vocab.json").write_text(json.dumps(self.vocab_info, indent=2))
+
+
+if __name__ == "__main__":
+    main(Eagle3Task, Eagle3TrainConfig)
