@@ -34,7 +34,10 @@ RESIDUAL_EPS: tl.constexpr = tl.constexpr(1e-12)
 
 @triton.jit
 def _probs(ptr, offs, mask, lse, temperature, LOGITS: tl.constexpr):
-    """Probabilities at ``ptr + offs`` (0 where masked): the input itself, or exp(x / T - lse)."""
+    """Probabilities at ``ptr + offs`` (0 where masked): the input itself, or exp(x / T - lse).
+
+    Same formula as in ``_block`` (the gathered draft-token probabilities must equal the block values).
+    """
     if LOGITS:
         x = tl.load(ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
         p = tl.exp(x / temperature - lse)
@@ -44,13 +47,28 @@ def _probs(ptr, offs, mask, lse, temperature, LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _residual(p, q, offs, w, x, HAS_Q: tl.constexpr):
-    """Residual block (w p - q)_+; point-mass drafts (q = one-hot of x): w p with x removed."""
+def _block(p_row, q_row, offs, mask, q_mask, lse_p, lse_q, w, x, temperature,
+           HAS_Q: tl.constexpr, LOGITS: tl.constexpr):
+    """One vocabulary block of a target row and of its residual row: (p, r), 0 where masked.
+
+    r = (w p - q)_+, or for point-mass drafts (q = one-hot of x) w p with x removed. q is read only
+    where ``q_mask`` holds (masked lanes cost no memory traffic). The probability formula is the
+    one of ``_probs`` (written out: one helper call per program keeps the interpreter fast).
+    """
+    if LOGITS:
+        p = tl.exp(tl.load(p_row + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature - lse_p)
+    else:
+        p = tl.load(p_row + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_Q:
+        if LOGITS:
+            q = tl.exp(tl.load(q_row + offs, mask=q_mask, other=float("-inf")).to(tl.float32) / temperature
+                       - lse_q)
+        else:
+            q = tl.load(q_row + offs, mask=q_mask, other=0.0).to(tl.float32)
         r = tl.maximum(w * p - q, 0.0)
     else:
         r = tl.where(offs == x, 0.0, w * p)
-    return r
+    return p, r
 
 
 @triton.jit
@@ -140,25 +158,22 @@ def _partials_kernel(tok_ptr, p_ptr, q_ptr, lse_p_ptr, lse_q_ptr, logw_ptr, part
     jrow = row % (K + 1)
     offs = nb * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < V
+    level = jrow < K  # rows 0..K-1 have a residual row; row K (bonus) only its p sums
+    qrow = b * K + tl.minimum(jrow, K - 1)
+    w = tl.exp(tl.load(logw_ptr + row))  # level jrow of batch row b
+    x = tl.load(tok_ptr + qrow)
+    lse_p = 0.0
+    lse_q = 0.0
     if LOGITS:
-        lse = tl.load(lse_p_ptr + row)
-    else:
-        lse = 0.0
-    p = _probs(p_ptr + row * V, offs, mask, lse, temperature, LOGITS)
-    tl.store(part_p_ptr + row * NB + nb, tl.sum(p, axis=0))
-    if jrow < K:
-        w = tl.exp(tl.load(logw_ptr + row))  # level jrow of row b
-        qrow = b * K + jrow
-        x = tl.load(tok_ptr + qrow)
+        lse_p = tl.load(lse_p_ptr + row)
         if HAS_Q:
-            if LOGITS:
-                lse_q = tl.load(lse_q_ptr + qrow)
-            else:
-                lse_q = 0.0
-            q = _probs(q_ptr + qrow * V, offs, mask, lse_q, temperature, LOGITS)
-        else:
-            q = p
-        tl.store(part_r_ptr + qrow * NB + nb, tl.sum(_residual(p, q, offs, w, x, HAS_Q), axis=0))
+            lse_q = tl.load(lse_q_ptr + qrow)
+    # q is read only for rows with a residual (a bonus-row program reads p alone).
+    q_mask = offs < tl.where(level, V, 0)
+    p, r = _block(p_ptr + row * V, q_ptr + qrow * V, offs, mask, q_mask, lse_p, lse_q, w, x,
+                  temperature, HAS_Q, LOGITS)
+    tl.store(part_p_ptr + row * NB + nb, tl.sum(p, axis=0))
+    tl.store(part_r_ptr + qrow * NB + nb, tl.sum(r, axis=0), mask=level)
 
 
 @triton.jit
@@ -223,22 +238,18 @@ def _decide_kernel(tok_ptr, p_ptr, q_ptr, lse_p_ptr, lse_q_ptr, logw_ptr, ptok_p
 
     offs = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < V
+    lse_p = 0.0
+    lse_q = 0.0
     if LOGITS:
-        lse = tl.load(lse_p_ptr + prow)
-    else:
-        lse = 0.0
-    p = _probs(p_ptr + prow * V, offs, mask, lse, temperature, LOGITS)
+        lse_p = tl.load(lse_p_ptr + prow)
+        if HAS_Q:
+            lse_q = tl.load(lse_q_ptr + qrow)
     w_tau = tl.exp(tl.load(logw_ptr + prow))
     x_tau = tl.load(tok_ptr + qrow)
-    if HAS_Q:
-        if LOGITS:
-            lse_q = tl.load(lse_q_ptr + qrow)
-        else:
-            lse_q = 0.0
-        q = _probs(q_ptr + qrow * V, offs, mask, lse_q, temperature, LOGITS)
-    else:
-        q = p
-    r = tl.where(use_p, p, _residual(p, q, offs, w_tau, x_tau, HAS_Q))
+    q_mask = offs < tl.where(use_p, 0, V)
+    p, r = _block(p_ptr + prow * V, q_ptr + qrow * V, offs, mask, q_mask, lse_p, lse_q, w_tau, x_tau,
+                  temperature, HAS_Q, LOGITS)
+    r = tl.where(use_p, p, r)
     c = before + tl.cumsum(r, axis=0)
     positive = mask & (r > 0)
     cand = tl.min(tl.where(positive & (c > thr), offs, V), axis=0)
