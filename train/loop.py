@@ -562,6 +562,7 @@ class _Trainer:
                     self.print(format_line(st.step, self.total_steps, last_train,
                                            ["train/loss", "lr", "grad_norm", "tokens_per_s"]))
                     window, win_tokens, win_start = MetricSums(), 0, time.perf_counter()
+                paused = time.perf_counter()  # eval/save time is kept out of tokens/s
                 if self.eval_ds is not None and cfg.eval_every and st.step % cfg.eval_every == 0:
                     last_eval = self._eval_and_log()
                     evaluated_at = st.step
@@ -571,6 +572,7 @@ class _Trainer:
                     self._advance_epoch_if_done()
                     self.save_checkpoint({**last_train, **last_eval})
                     saved_at = st.step
+                win_start += time.perf_counter() - paused
             self._advance_epoch_if_done()
 
         if progress is not None:
