@@ -328,7 +328,6 @@ class _Trainer:
             optimizer, lambda s: lr_multiplier(s, self.total_steps, self.warmup_steps, cfg.min_lr_ratio))
         dist_utils.fill_deepspeed_config(acc, cfg, model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.raw_optimizer = optimizer
         self.state = TrainState(world_size=self.world)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
