@@ -186,8 +186,12 @@ def end_of_turn_ids(tok) -> set[int]:
     ids = set()
     if tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
-    vocab = tok.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab and t in set(tok.all_special_tokens))
+    specials = set(tok.all_special_tokens) | {str(t) for t in getattr(tok, "added_tokens_decoder", {}).values()}
+    for t in _END_OF_TURN:
+        if t in specials:  # (get_vocab() would copy the whole vocabulary on every call)
+            tid = tok.convert_tokens_to_ids(t)
+            if tid is not None and tid != tok.unk_token_id:
+                ids.add(int(tid))
     return ids
 
 
