@@ -15,6 +15,9 @@ from . import verify_kernels as kern
 
 METHOD_CODES = {"tokenwise": 0, "blockwise": 1, "hsd": 1}  # HSD (capped) has the law of blockwise
 DEFAULT_BLOCK_V = 4096
+# The per-row kernels hold all NB block partials of a row in one tile: cap NB (a larger block_v is used
+# when V / block_v would exceed it).
+MAX_BLOCKS = 1024
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -61,6 +64,7 @@ def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: 
     code = _method_code(method)
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v: expected a power of two >= 16, got {block_v}")
+    block_v = max(block_v, triton.next_power_of_2(triton.cdiv(v, MAX_BLOCKS)))
     block_v = min(block_v, max(16, triton.next_power_of_2(v)))
     dev = target.device
     tokens = draft_tokens.to(torch.int64).contiguous()
@@ -72,7 +76,9 @@ def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: 
     nb = triton.cdiv(v, block_v)
     k_pow2 = triton.next_power_of_2(k + 1)  # holds K draft positions and K + 1 target rows
     nb_pow2 = max(2, triton.next_power_of_2(nb))
-    warps = {} if num_warps is None else {"num_warps": num_warps}
+    # Streaming kernels (row stats, partials): 8 warps for 2K-4K blocks keep ~16-32 elements per thread
+    # in flight; the per-row kernels (scalars, decide) are tiny and keep Triton's default.
+    warps = {"num_warps": num_warps or (8 if block_v >= 2048 else 4)}
     f32 = torch.float32
     temp = 1.0 if temperature is None else float(temperature)
 
@@ -102,7 +108,7 @@ def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: 
     next_token = torch.empty(b, dtype=torch.int64, device=dev)
     kern._decide_kernel[(b,)](tokens, p, q, lse_p, lse_q, log_w, p_tok, q_tok, part_p, part_r, coins, u,
                               num_accepted, next_token, k, v, nb, temp, METHOD=code, **flags,
-                              BLOCK_V=block_v, K_POW2=k_pow2, NB_POW2=nb_pow2, **warps)
+                              BLOCK_V=block_v, K_POW2=k_pow2, NB_POW2=nb_pow2)
     return num_accepted, next_token
 
 
@@ -115,7 +121,8 @@ def verify_triton(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs
     [B, K+1, V]; method "tokenwise" | "blockwise" | "hsd"; coins [B, K] and u [B] in [0, 1).
     Returns (num_accepted [B] int64, next_token [B] int64). Values are validated by the caller
     (rows sum to 1, q > 0 on draft tokens); only shapes, dtypes and devices are checked here.
-    Computed in float32 (float64 inputs are read as float32).
+    Computed in float32 (float64 inputs are read as float32). block_v: vocabulary block of the
+    streaming kernels (a power of two >= 16); num_warps: their warps (default 8 for blocks >= 2048).
     """
     return _launch(draft_tokens, draft_probs, target_probs, method, coins, u, None, block_v, num_warps)
 
