@@ -265,11 +265,13 @@ def accept_length(rates: Sequence[float]) -> float:
 
 
 def derived_metrics(means: dict[str, float], steps: int) -> dict[str, float]:
-    """Simulated acceptance lengths from per-step means (keys acc_k, cond_acc_k, alpha_k)."""
+    """Simulated acceptance lengths from per-step means (keys acc_k, cond_acc_k, alpha_k; a missing step,
+    i.e. one with no counted row, counts as rate 0)."""
     out = {}
     for name, key in (("sim_accept_len", "acc"), ("sim_accept_len_cond", "cond_acc"),
                       ("sim_accept_len_alpha", "alpha")):
-        rates = [means.get(f"{key}_{k}") for k in range(steps)]
-        if rates and all(r is not None for r in rates):
-            out[name] = accept_length(rates)
+        if f"{key}_0" not in means:
+            continue
+        # a later step with no counted row (e.g. cond_acc_k when no chain survived) contributes nothing
+        out[name] = accept_length([means.get(f"{key}_{k}", 0.0) for k in range(steps)])
     return out
