@@ -106,9 +106,10 @@ class Timer:
         return self(graph.replay)
 
 
-def make_inputs(b: int, k: int, v: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    """Random target/draft logits (draft close to the target), their softmax rows in ``dtype``,
-    draft tokens sampled from q, and uniforms. Built in float32 on the device, row group by group."""
+def make_inputs(b: int, k: int, v: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
+                keep_logits: bool):
+    """Random target/draft logits (draft close to the target), their softmax rows at TEMPERATURE in
+    ``dtype``, draft tokens sampled from q, and uniforms; the logits are kept only if asked."""
     target_logits = torch.randn(b, k + 1, v, device=device, generator=gen).mul_(2.0)
     draft_logits = target_logits[:, :k] + 0.7 * torch.randn(b, k, v, device=device, generator=gen)
     p = torch.softmax(target_logits / TEMPERATURE, -1)
@@ -116,14 +117,16 @@ def make_inputs(b: int, k: int, v: int, dtype: torch.dtype, device: torch.device
     tokens = torch.multinomial(q.reshape(-1, v), 1, generator=gen).view(b, k)
     coins = torch.rand(b, k, device=device, generator=gen)
     u = torch.rand(b, device=device, generator=gen)
-    return dict(tokens=tokens, p=p.to(dtype), q=q.to(dtype), target_logits=target_logits.to(dtype),
-                draft_logits=draft_logits.to(dtype), coins=coins, u=u)
+    x = dict(tokens=tokens, p=p.to(dtype), q=q.to(dtype), coins=coins, u=u)
+    if keep_logits:
+        x.update(target_logits=target_logits.to(dtype), draft_logits=draft_logits.to(dtype))
+    return x
 
 
 def backend_fns(backends: list[str], x: dict, method: str, point_mass: bool, block_v: int | None):
     """name -> zero-argument callable for each requested backend."""
     q = None if point_mass else x["q"]
-    ql = None if point_mass else x["draft_logits"]
+    ql = None if point_mass else x.get("draft_logits")
     kw = {} if block_v is None else {"block_v": block_v}
     fns = {}
     if "torch" in backends:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for v in grid["V"]:
         for k in grid["K"]:
             for b in grid["B"]:
-                x = make_inputs(b, k, v, dtype, device, gen)
+                x = make_inputs(b, k, v, dtype, device, gen, keep_logits="triton-logits" in backends)
                 for point_mass in drafts:
                     tensors = [x["p"]] if point_mass else [x["p"], x["q"]]
                     nbytes = sum(t.numel() * t.element_size() for t in tensors)
