@@ -1,5 +1,6 @@
 """hsd.kernels (Triton, interpreted on CPU via TRITON_INTERPRET=1 from conftest) returns exactly what
-the torch reference hsd.verify.verify returns for the same explicit uniforms.
+the torch reference hsd.verify.verify returns for the same explicit uniforms, and what an independent
+row-by-row float64 transcription of the algorithms (``loop_reference``) returns.
 
 Sizes are small on purpose: every Triton program runs in Python here. BLOCK_V is small so that the
 vocabulary spans several blocks, the last one partial (V is never a multiple of the block).
@@ -42,6 +43,54 @@ def reference(tokens, q, p, method, coins, u):
     return res.num_accepted, res.next_token
 
 
+def _loop_residual(p_row, q_row, x, w):
+    """(w p - q)_+, or for a point-mass draft (q_row None) w p with the draft token x removed."""
+    if q_row is None:
+        r = w * p_row
+        r[x] = 0.0
+        return r
+    return (w * p_row - q_row).clamp_min(0.0)
+
+
+def loop_reference(tokens, q, p, method, coins, u):
+    """Independent oracle: a row-by-row float64 transcription of research note §2.1 / §2.2 with the
+    uniforms convention of /work/interfaces.md (BV weights by the recursion w_k = min(1, w_{k-1} p/q))."""
+    b, k = tokens.shape
+    p, q = p.double(), None if q is None else q.double()
+    n_out, t_out = [], []
+    for i in range(b):
+        x = tokens[i].tolist()
+        px = [float(p[i, j, x[j]]) for j in range(k)]
+        qx = [1.0 if q is None else float(q[i, j, x[j]]) for j in range(k)]
+        q_rows = [None if q is None else q[i, j] for j in range(k)]
+        if method == "tokenwise":
+            tau = next((j for j in range(k) if not (float(coins[i, j]) * qx[j] <= px[j] and px[j] > 0)), k)
+            w = [1.0] * (k + 1)
+        else:
+            w = [1.0]
+            for j in range(k):
+                w.append(min(1.0, w[-1] * px[j] / qx[j]))
+            h = []
+            for lev in range(1, k):
+                if q is None:
+                    s = w[lev] * max(1.0 - px[lev], 0.0)
+                else:
+                    s = float(_loop_residual(p[i, lev], q_rows[lev], x[lev], w[lev]).sum())
+                den = s + 1.0 - w[lev]
+                h.append(min(max(s / den, 0.0), 1.0) if den > 0 else 1.0)
+            h.append(w[k])
+            tau = max((lev for lev in range(1, k + 1) if float(coins[i, lev - 1]) <= h[lev - 1] and h[lev - 1] > 0),
+                      default=0)
+        r = p[i, k] if tau == k else _loop_residual(p[i, tau], q_rows[tau], x[tau], w[tau])
+        if float(r.sum()) <= 1e-12:
+            r = p[i, tau]
+        cdf = r.cumsum(0)
+        tok = int((cdf <= float(u[i]) * float(cdf[-1])).sum())
+        n_out.append(tau)
+        t_out.append(min(tok, int(r.nonzero().max())))
+    return torch.tensor(n_out), torch.tensor(t_out)
+
+
 def assert_same(got, want):
     n, tok = got
     assert n.dtype == torch.int64 and tok.dtype == torch.int64
@@ -59,7 +108,9 @@ def test_probs_equal_torch(method, has_q, v, block_v):
     tokens = sample_tokens(q, g)
     q_in = q if has_q else None
     want = reference(tokens, q_in, p, method, coins, u)
-    assert_same(verify_triton(tokens, q_in, p, method, coins, u, block_v=block_v), want)
+    got = verify_triton(tokens, q_in, p, method, coins, u, block_v=block_v)
+    assert_same(got, want)
+    assert_same(got, loop_reference(tokens, q_in, p, method, coins, u))
     n = want[0]
     assert bool((n < k).any())  # some rejection (a residual draw) ...
     if has_q:
@@ -80,6 +131,7 @@ def test_logits_equal_torch(method, has_q):
     want = reference(tokens, q if has_q else None, p, method, coins, u)
     got = verify_triton_logits(tokens, draft if has_q else None, target, t, method, coins, u, block_v=64)
     assert_same(got, want)
+    assert_same(got, loop_reference(tokens, q if has_q else None, p, method, coins, u))
     assert 0 < int(want[0].sum()) < b * k
 
 
@@ -95,7 +147,9 @@ def test_zero_target_probability_on_draft_tokens(method):
     p = p / p.sum(-1, keepdim=True)
     for q_in in (q, None):
         want = reference(tokens, q_in, p, method, coins, u)
-        assert_same(verify_triton(tokens, q_in, p, method, coins, u, block_v=16), want)
+        got = verify_triton(tokens, q_in, p, method, coins, u, block_v=16)
+        assert_same(got, want)
+        assert_same(got, loop_reference(tokens, q_in, p, method, coins, u))
         assert bool((want[0][rows] <= 1).all())
         assert bool((p[torch.arange(b), want[0], want[1]] > 0).all())  # never an impossible token
 
@@ -108,7 +162,9 @@ def test_truncated_supports(method):
     p, q = target.softmax(-1), draft.softmax(-1)
     tokens = sample_tokens(q, g)
     want = reference(tokens, q, p, method, coins, u)
-    assert_same(verify_triton(tokens, q, p, method, coins, u, block_v=16), want)
+    got = verify_triton(tokens, q, p, method, coins, u, block_v=16)
+    assert_same(got, want)
+    assert_same(got, loop_reference(tokens, q, p, method, coins, u))
     assert bool((p[torch.arange(b), want[0], want[1]] > 0).all())
 
 
@@ -153,7 +209,9 @@ def test_extreme_uniforms(method):
     ref_method = "blockwise" if method == "hsd" else method
     for q_in in (q, None):
         want = reference(tokens, q_in, p, ref_method, coins, u)
-        assert_same(verify_triton(tokens, q_in, p, method, coins, u, block_v=16), want)
+        got = verify_triton(tokens, q_in, p, method, coins, u, block_v=16)
+        assert_same(got, want)
+        assert_same(got, loop_reference(tokens, q_in, p, method, coins, u))
 
 
 def test_single_token_and_tiny_vocab():
