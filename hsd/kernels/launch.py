@@ -56,6 +56,18 @@ def _check(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, coins: Te
     return b, k, v
 
 
+def _workspace(sizes: dict[str, int], device: torch.device) -> dict[str, Tensor]:
+    """One float32 allocation split into named 1-D buffers. Each starts on a 64-byte boundary, so
+    Triton always sees 16-byte aligned pointers (one compiled variant whatever B, K and V)."""
+    padded = {name: triton.cdiv(n, 16) * 16 for name, n in sizes.items()}
+    flat = torch.empty(sum(padded.values()), dtype=torch.float32, device=device)
+    views, start = {}, 0
+    for name, n in sizes.items():
+        views[name] = flat[start:start + n]
+        start += padded[name]
+    return views
+
+
 def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: str, coins: Tensor,
             u: Tensor, temperature: float | None, block_v: int, num_warps: int | None) -> tuple[Tensor, Tensor]:
     logits = temperature is not None
@@ -79,36 +91,34 @@ def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: 
     # Streaming kernels (row stats, partials): 8 warps for 2K-4K blocks keep ~16-32 elements per thread
     # in flight; the per-row kernels (scalars, decide) are tiny and keep Triton's default.
     warps = {"num_warps": num_warps or (8 if block_v >= 2048 else 4)}
-    f32 = torch.float32
     temp = 1.0 if temperature is None else float(temperature)
-
-    mp = sp = mq = sq = coins  # dummy pointers where a buffer is not used (never read)
+    rows_p, rows_q = b * (k + 1), b * k
+    # One float32 workspace for every intermediate buffer and one int64 output (fewer allocations:
+    # at small B the host-side cost of a call is what the GPU waits for).
+    sizes = {"log_w": rows_p, "p_tok": rows_q, "q_tok": rows_q, "part_p": rows_p * nb, "part_r": rows_q * nb}
     if logits:
-        mp = torch.empty(b * (k + 1), nb, dtype=f32, device=dev)
-        sp = torch.empty_like(mp)
-        kern._row_stats_kernel[(b * (k + 1), nb)](p, mp, sp, v, nb, temp, BLOCK_V=block_v, **warps)
+        sizes.update(lse_p=rows_p, mp=rows_p * nb, sp=rows_p * nb)
         if has_q:
-            mq = torch.empty(b * k, nb, dtype=f32, device=dev)
-            sq = torch.empty_like(mq)
-            kern._row_stats_kernel[(b * k, nb)](q, mq, sq, v, nb, temp, BLOCK_V=block_v, **warps)
-    lse_p = torch.empty(b * (k + 1), dtype=f32, device=dev) if logits else coins
-    lse_q = torch.empty(b * k, dtype=f32, device=dev) if logits and has_q else coins
-    log_w = torch.empty(b * (k + 1), dtype=f32, device=dev)
-    p_tok = torch.empty(b * k, dtype=f32, device=dev)
-    q_tok = torch.empty(b * k, dtype=f32, device=dev)
+            sizes.update(lse_q=rows_q, mq=rows_q * nb, sq=rows_q * nb)
+    ws = _workspace(sizes, dev)
+    dummy = ws["log_w"]  # passed where a buffer is not used (never dereferenced)
+    mp, sp, mq, sq = (ws.get(name, dummy) for name in ("mp", "sp", "mq", "sq"))
+    lse_p, lse_q = ws.get("lse_p", dummy), ws.get("lse_q", dummy)
+    out = torch.empty(2, b, dtype=torch.int64, device=dev)
+    num_accepted, next_token = out[0], out[1]
     flags = dict(HAS_Q=has_q, LOGITS=logits)
-    kern._scalars_kernel[(b,)](tokens, p, q, mp, sp, mq, sq, lse_p, lse_q, log_w, p_tok, q_tok, k, v, nb, temp,
-                               METHOD=code, **flags, K_POW2=k_pow2, NB_POW2=nb_pow2)
 
-    part_p = torch.empty(b * (k + 1), nb, dtype=f32, device=dev)
-    part_r = torch.empty(b * k, nb, dtype=f32, device=dev)
-    kern._partials_kernel[(b * (k + 1), nb)](tokens, p, q, lse_p, lse_q, log_w, part_p, part_r, k, v, nb, temp,
-                                             **flags, BLOCK_V=block_v, **warps)
-    num_accepted = torch.empty(b, dtype=torch.int64, device=dev)
-    next_token = torch.empty(b, dtype=torch.int64, device=dev)
-    kern._decide_kernel[(b,)](tokens, p, q, lse_p, lse_q, log_w, p_tok, q_tok, part_p, part_r, coins, u,
-                              num_accepted, next_token, k, v, nb, temp, METHOD=code, **flags,
-                              BLOCK_V=block_v, K_POW2=k_pow2, NB_POW2=nb_pow2)
+    if logits:
+        kern._row_stats_kernel[(rows_p, nb)](p, mp, sp, v, nb, temp, BLOCK_V=block_v, **warps)
+        if has_q:
+            kern._row_stats_kernel[(rows_q, nb)](q, mq, sq, v, nb, temp, BLOCK_V=block_v, **warps)
+    kern._scalars_kernel[(b,)](tokens, p, q, mp, sp, mq, sq, lse_p, lse_q, ws["log_w"], ws["p_tok"], ws["q_tok"],
+                               k, v, nb, temp, METHOD=code, **flags, K_POW2=k_pow2, NB_POW2=nb_pow2)
+    kern._partials_kernel[(rows_p, nb)](tokens, p, q, lse_p, lse_q, ws["log_w"], ws["part_p"], ws["part_r"],
+                                        k, v, nb, temp, **flags, BLOCK_V=block_v, **warps)
+    kern._decide_kernel[(b,)](tokens, p, q, lse_p, lse_q, ws["log_w"], ws["p_tok"], ws["q_tok"], ws["part_p"],
+                              ws["part_r"], coins, u, num_accepted, next_token, k, v, nb, temp, METHOD=code,
+                              **flags, BLOCK_V=block_v, K_POW2=k_pow2, NB_POW2=nb_pow2)
     return num_accepted, next_token
 
 
