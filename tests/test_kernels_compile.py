@@ -3,7 +3,7 @@
 The interpreter (TRITON_INTERPRET=1, used by test_kernels.py) executes the kernels in numpy and
 accepts constructs that the compiler rejects; ``python -m hsd.kernels.aot`` compiles every variant
 to a cubin with the ptxas bundled in the Triton wheel and fails on an error or a register spill.
-(``--arch 80 --dtype fp32`` passes as well; one target keeps this test at ~15 s of CPU.)
+(``--arch 80 --dtype fp32`` passes as well; one target keeps this test at ~25 s of CPU.)
 """
 from __future__ import annotations
 
@@ -25,6 +25,6 @@ def test_kernels_compile_without_spills(tmp_path, arch=90, dtype="bf16"):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[-1] == f"21 variants compiled for sm_{arch}, 0 failures", proc.stdout
-    assert sum(line.startswith("ok ") for line in lines) == 21
+    assert lines[-1] == f"42 variants compiled for sm_{arch}, 0 failures", proc.stdout
+    assert sum(line.startswith("ok ") for line in lines) == 42
     assert all("local=0" in line for line in lines if line.startswith("ok "))

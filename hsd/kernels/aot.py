@@ -7,7 +7,8 @@ types that only the compiler checks, unsupported constructs, register spills.
     python -m hsd.kernels.aot [--arch 90] [--dtype bf16]
 
 Must run with TRITON_INTERPRET unset (under the interpreter @triton.jit builds no compilable kernel).
-Prints one line per kernel variant (registers, spill stores/loads) and exits 1 on a spill or error.
+Prints one line per kernel variant (registers, local memory) and exits 1 on a spill or an error.
+Variants: every constexpr combination at production sizes, plus the K = NB = V = 1 specialisations.
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ def variants(block_v: int = 4096, k_pow2: int = 16, nb_pow2: int = 64):
             yield kern._decide_kernel, {**c, "BLOCK_V": block_v}, 4
 
 
+# Triton turns integer arguments equal to 1 into constants at launch (K = 1, a single vocabulary
+# block NB = 1, V = 1): those specialisations type-check differently, so they are compiled too.
+ONES = {"K": 1, "NB": 1, "V": 1}
+
+
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG / STACK / LOCAL of a cubin, from the cuobjdump bundled with Triton ({} if it is absent)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -82,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     seen = set()
-    for fn, constexprs, warps in variants():
+    small = [(fn, {**c, **{k: v for k, v in ONES.items() if k in fn.arg_names}}, w)
+             for fn, c, w in variants(block_v=16, k_pow2=2, nb_pow2=2)]
+    for fn, constexprs, warps in [*variants(), *small]:
         key = (fn.__name__, tuple(sorted(constexprs.items())))
         if key in seen:
             continue
