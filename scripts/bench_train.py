@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=7, help="TTT steps K")
     p.add_argument("--draft-vocab", type=int, default=None)
-    p.add_argument("--attention", choices=sorted(ttt.ATTENTION), default="sdpa")
+    p.add_argument("--attention", choices=sorted(ttt.ATTENTION), default="auto")
     p.add_argument("--assistant-fraction", type=float, default=1.0)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -71,22 +71,25 @@ def test_reference_equals_fast_path_loss_and_grads(family):
     feats, embeds, targets = _batch(target, head, ids, attn, loss_mask)
     assert not targets.in_vocab.all() and targets.in_vocab.any()  # both kinds of rows are exercised
     results = {}
-    for attention in ("reference", "sdpa"):
+    for attention in ("reference", "sdpa", "auto"):
         head.zero_grad(set_to_none=True)
         logits = ttt.ttt_unroll(head, feats, embeds, targets.rows, 5, attention=attention)
         loss, metrics = ttt.ttt_loss(logits, targets, head.draft_ids, 0.8)
         loss.backward()
         results[attention] = (loss.detach(), {k: v[0].item() for k, v in metrics.items()},
                               {n: p.grad.clone() for n, p in head.named_parameters()})
-    (l_ref, m_ref, g_ref), (l_fast, m_fast, g_fast) = results["reference"], results["sdpa"]
-    torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-5)
-    assert m_fast.keys() == m_ref.keys()
-    for k in m_ref:
-        assert m_fast[k] == pytest.approx(m_ref[k], rel=1e-5, abs=1e-5), k
-    for n in g_ref:
-        scale = g_ref[n].abs().max().item()
-        assert scale > 0, n  # every parameter gets a gradient through the unroll
-        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-4, atol=1e-5 * max(1.0, scale), msg=n)
+    l_ref, m_ref, g_ref = results["reference"]
+    for path in ("sdpa", "auto"):
+        l_fast, m_fast, g_fast = results[path]
+        torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-5)
+        assert m_fast.keys() == m_ref.keys()
+        for k in m_ref:
+            assert m_fast[k] == pytest.approx(m_ref[k], rel=1e-5, abs=1e-5), (path, k)
+        for n in g_ref:
+            scale = g_ref[n].abs().max().item()
+            assert scale > 0, n  # every parameter gets a gradient through the unroll
+            torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-4, atol=1e-5 * max(1.0, scale),
+                                       msg=f"{path} {n}")
 
 
 def test_loss_independent_of_padding_and_batch_duplication():

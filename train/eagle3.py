@@ -54,7 +54,7 @@ class Eagle3TrainConfig(BaseTrainConfig):
     step_weight: float = 0.8  # gamma: loss weight of step k is gamma**k
     draft_vocab_size: int = 32000  # Vd most frequent assistant tokens (must be <= target vocab)
     aux_layer_ids: list[int] = dataclasses.field(default_factory=list)  # [] = [2, N//2, N-3] (HF indices)
-    attention: str = "sdpa"  # sdpa (fast) | reference (explicit scores; same numbers)
+    attention: str = "auto"  # auto (fastest per device) | sdpa | reference  (same numbers; train/ttt.py)
     init_from_target: bool = True  # lm_head <- target LM-head rows of the draft vocab, norm <- final norm
     init_from: str = ""  # folder of a saved head to warm-start from (weights and draft vocabulary)
     intermediate_size: int = 0  # head MLP size; 0 = the target's

@@ -15,11 +15,16 @@ keys/values at row ``t`` only (the chain's own earlier drafts). Two implementati
 rounding (tests/test_eagle3_ttt.py checks loss and gradients):
 * ``reference``: explicit causal scores against step-0 keys, per-step diagonal scores ``q . k_j``,
   concatenated before one softmax;
-* ``sdpa`` (default, faster here): one ``scaled_dot_product_attention`` call over the concatenated
-  K sets of keys with a boolean mask ``[S, (k+1) S]`` (causal block + k diagonal blocks); step 0 is plain
-  causal SDPA. Right padding is assumed (real tokens form a prefix), so causal masking alone keeps
-  padding out of every real row.
-(flex_attention would skip the empty diagonal blocks on a GPU, but has no CPU backward to test here.)
+* ``sdpa``: one ``scaled_dot_product_attention`` call over the concatenated K sets of keys with a
+  boolean mask ``[S, (k+1) S]`` (causal block + k diagonal blocks); step 0 is plain causal SDPA;
+* ``auto`` (default): ``sdpa`` on CUDA (no [S, S] score tensor is materialised); on the CPU causal SDPA at
+  step 0 and ``reference`` after it, because there the masked SDPA over (k+1)S keys measured ~2x slower
+  than the explicit scores (S = 384, K = 7, forward + backward) while causal SDPA wins at step 0.
+  The CUDA choice is by reasoning, not measured (no GPU here): ``scripts/bench_train.py --attention``
+  measures it. flex_attention would skip the empty diagonal blocks on a GPU, but has no CPU backward to
+  test here, so it is not offered.
+Right padding is assumed (real tokens form a prefix), so causal masking alone keeps padding out of every
+real row.
 
 Teacher and masks (research §2.5): teacher rows are the positions ``u`` whose next token ``x[u+1]`` is an
 assistant token (``loss_mask[u+1] = 1``); only those rows of the target's LM head are computed. Per row:
@@ -142,7 +147,19 @@ def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
     return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale)
 
 
-ATTENTION: dict[str, Callable] = {"sdpa": ttt_attention_sdpa, "reference": ttt_attention_reference}
+def ttt_attention_auto(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                       scale: float) -> torch.Tensor:
+    """The faster exact path per device. CUDA: ``ttt_attention_sdpa`` (no [S, S] score tensor in memory).
+    CPU: causal SDPA at step 0 and the explicit reference from step 1 on; measured on this 2-core CPU at
+    S = 384, 9 heads, K = 7 (forward + backward): the masked SDPA over (k+1) S keys takes ~2x the
+    reference's time there, while causal SDPA beats explicit scores at step 0."""
+    if q.is_cuda or len(keys) == 1:
+        return ttt_attention_sdpa(q, keys, values, scale)
+    return ttt_attention_reference(q, keys, values, scale)
+
+
+ATTENTION: dict[str, Callable] = {"auto": ttt_attention_auto, "sdpa": ttt_attention_sdpa,
+                                  "reference": ttt_attention_reference}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,7 +167,7 @@ ATTENTION: dict[str, Callable] = {"sdpa": ttt_attention_sdpa, "reference": ttt_a
 
 
 def ttt_unroll(draft: Eagle3DraftModel, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor,
-               steps: int, attention: str = "sdpa", all_rows: bool = False) -> list[torch.Tensor]:
+               steps: int, attention: str = "auto", all_rows: bool = False) -> list[torch.Tensor]:
     """Run K = ``steps`` TTT steps. features [B, S, 3H_t]; embeds [B, S, H] with ``embeds[:, s] = embed(x_s)``;
     rows [B, S] bool teacher rows (``teacher_rows``).
 
