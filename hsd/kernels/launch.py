@@ -14,7 +14,12 @@ from torch import Tensor
 from . import verify_kernels as kern
 
 METHOD_CODES = {"tokenwise": 0, "blockwise": 1, "hsd": 1}  # HSD (capped) has the law of blockwise
-DEFAULT_BLOCK_V = 4096
+DEFAULT_BLOCK_V = None  # auto: see choose_block_v
+# Auto block: the largest of these that still gives the streaming grid MIN_PROGRAMS programs
+# (about two waves of 8 resident 256-thread programs on a 132-SM H100), so that the last partial
+# wave does not dominate at small B; otherwise the smallest.
+AUTO_BLOCKS = (4096, 2048, 1024)
+MIN_PROGRAMS = 2048
 # The per-row kernels hold all NB block partials of a row in one tile: cap NB (a larger block_v is used
 # when V / block_v would exceed it).
 MAX_BLOCKS = 1024
@@ -68,13 +73,30 @@ def _workspace(sizes: dict[str, int], device: torch.device) -> dict[str, Tensor]
     return views
 
 
+def choose_block_v(rows: int, v: int, device: torch.device) -> int:
+    """Auto BLOCK_V for a streaming grid of ``rows`` rows x ceil(V / BLOCK_V) vocabulary blocks.
+
+    The wave-count rule is a GPU occupancy heuristic; elsewhere (the CPU interpreter, where every
+    program costs Python time) the largest block is used.
+    """
+    if device.type != "cuda":
+        return AUTO_BLOCKS[0]
+    for block in AUTO_BLOCKS:
+        if rows * triton.cdiv(v, block) >= MIN_PROGRAMS:
+            return block
+    return AUTO_BLOCKS[-1]
+
+
 def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: str, coins: Tensor,
-            u: Tensor, temperature: float | None, block_v: int, num_warps: int | None) -> tuple[Tensor, Tensor]:
+            u: Tensor, temperature: float | None, block_v: int | None,
+            num_warps: int | None) -> tuple[Tensor, Tensor]:
     logits = temperature is not None
     names = ("draft_logits", "target_logits") if logits else ("draft_probs", "target_probs")
     b, k, v = _check(draft_tokens, draft, target, coins, u, names)
     code = _method_code(method)
-    if block_v < 16 or block_v & (block_v - 1):
+    if block_v is None:
+        block_v = choose_block_v(b * (k + 1), v, target.device)
+    if not isinstance(block_v, int) or block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v: expected a power of two >= 16, got {block_v}")
     block_v = max(block_v, triton.next_power_of_2(triton.cdiv(v, MAX_BLOCKS)))
     block_v = min(block_v, max(16, triton.next_power_of_2(v)))
@@ -123,7 +145,7 @@ def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: 
 
 
 def verify_triton(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor, method: str,
-                  coins: Tensor, u: Tensor, *, block_v: int = DEFAULT_BLOCK_V,
+                  coins: Tensor, u: Tensor, *, block_v: int | None = DEFAULT_BLOCK_V,
                   num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Single-chain verification from probabilities (the ``backend="triton"`` of hsd.verify.verify).
 
@@ -132,14 +154,16 @@ def verify_triton(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs
     Returns (num_accepted [B] int64, next_token [B] int64). Values are validated by the caller
     (rows sum to 1, q > 0 on draft tokens); only shapes, dtypes and devices are checked here.
     Computed in float32 (float64 inputs are read as float32). block_v: vocabulary block of the
-    streaming kernels (a power of two >= 16); num_warps: their warps (default 8 for blocks >= 2048).
+    streaming kernels (a power of two >= 16; None: 4096, 2048 or 1024 by grid size, see
+    choose_block_v); num_warps: their warps (default 8 for blocks >= 2048). Results depend on the
+    block only through float32 summation order (measure-zero boundary cases).
     """
     return _launch(draft_tokens, draft_probs, target_probs, method, coins, u, None, block_v, num_warps)
 
 
 def verify_triton_logits(draft_tokens: Tensor, draft_logits: Tensor | None, target_logits: Tensor,
                          temperature: float, method: str, coins: Tensor, u: Tensor, *,
-                         block_v: int = DEFAULT_BLOCK_V, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                         block_v: int | None = DEFAULT_BLOCK_V, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Same as :func:`verify_triton` on softmax(logits / temperature), reading raw logits.
 
     draft_logits [B, K, V] or None; target_logits [B, K+1, V]; -inf entries (top-k truncation)
