@@ -248,11 +248,15 @@ def target_checksum(target: nn.Module) -> str:
 
     h = hashlib.sha256()
     tensors = list(target.named_parameters()) + list(target.named_buffers())
+    chunk = 1 << 22  # float64 temporaries stay small even for a 128k x 8k LM head on a GPU
     for name, t in tensors:
-        x = t.detach().reshape(-1).double()
-        w = (torch.arange(x.numel(), device=x.device) % 7 + 1).double()
-        stats = torch.stack([x.sum(), (x * x).sum(), (x * w).sum()]).cpu().tolist()
-        h.update(f"{name}:{tuple(t.shape)}:{stats!r};".encode())
+        flat = t.detach().reshape(-1)
+        acc = torch.zeros(3, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.numel(), chunk):
+            x = flat[start:start + chunk].double()
+            w = (torch.arange(start, start + x.numel(), device=x.device) % 7 + 1).double()
+            acc += torch.stack([x.sum(), (x * x).sum(), (x * w).sum()])
+        h.update(f"{name}:{tuple(t.shape)}:{acc.cpu().tolist()!r};".encode())
     return h.hexdigest()
 
 
