@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"repeats: {timer.repeats} (median), warm-up: {timer.warmup}")
     header = (f"{'B':>3} {'K':>2} {'V':>6} {'draft':>5} {'method':>9} {'backend':>13} "
               f"{'time_ms':>9} {'roof_ms':>8} {'ratio':>6} {'roof_GB/s':>9}")
+    if device.type != "cuda":
+        print("# no CUDA device: the compiled Triton kernels are not timed (torch backend only)"
+              if not any(b.startswith("triton") for b in backends) else
+              "# Triton runs INTERPRETED on the CPU: its timings are meaningless (smoke test only)")
     print(header)
     print("-" * len(header))
     rows = []

@@ -248,6 +248,12 @@ def test_block_size_and_layout_do_not_change_results():
                 (want_bf16.num_accepted, want_bf16.next_token))
 
 
+def test_empty_batch():
+    n, tok = verify_triton(torch.zeros(0, 2, dtype=torch.int64), None, torch.ones(0, 3, 5) / 5, "hsd",
+                           torch.zeros(0, 2), torch.zeros(0))
+    assert n.shape == (0,) and tok.shape == (0,) and n.dtype == torch.int64
+
+
 def test_public_api_dispatches_to_kernel():
     target, draft, coins, u, g = chain_logits(4, 2, 30, seed=23)
     p, q = target.softmax(-1), draft.softmax(-1)
@@ -262,6 +268,8 @@ def test_bad_arguments_raise_value_error():
     tokens = sample_tokens(q, g)
     with pytest.raises(ValueError, match="method"):
         verify_triton(tokens, q, p, "greedy", coins, u)
+    with pytest.raises(ValueError, match="target_probs: expected a torch.Tensor"):
+        verify_triton(tokens, q, p.tolist(), "hsd", coins, u)
     with pytest.raises(ValueError, match="target_probs: expected shape"):
         verify_triton(tokens, q, p[:, :2], "hsd", coins, u)
     with pytest.raises(ValueError, match="draft_probs: expected shape"):

@@ -36,6 +36,9 @@ def _check(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, coins: Te
            names: tuple[str, str]) -> tuple[int, int, int]:
     """Shape/dtype/device checks that read no data (no host sync). Returns (B, K, V)."""
     qn, pn = names
+    for name, t in (("draft_tokens", draft_tokens), (pn, target), (qn, draft), ("coins", coins), ("u", u)):
+        if t is not None and not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if draft_tokens.dim() != 2 or draft_tokens.shape[1] == 0:
         raise ValueError(f"draft_tokens: expected shape [B, K] with K >= 1, got {tuple(draft_tokens.shape)}")
     if draft_tokens.dtype not in (torch.int64, torch.int32):
@@ -94,6 +97,9 @@ def _launch(draft_tokens: Tensor, draft: Tensor | None, target: Tensor, method: 
     names = ("draft_logits", "target_logits") if logits else ("draft_probs", "target_probs")
     b, k, v = _check(draft_tokens, draft, target, coins, u, names)
     code = _method_code(method)
+    if b == 0:  # an empty batch launches nothing
+        empty = torch.empty(0, dtype=torch.int64, device=target.device)
+        return empty, empty.clone()
     if block_v is None:
         block_v = choose_block_v(b * (k + 1), v, target.device)
     if not isinstance(block_v, int) or block_v < 16 or block_v & (block_v - 1):
