@@ -117,6 +117,23 @@ def test_training_improves_heldout_acceptance(env, tmp_path):
     assert after["eval/loss_0"] < before["eval/loss_0"]
 
 
+def test_target_cache_is_exact(env, tmp_path):
+    """cache_target=true: epochs after the first read the target outputs from memory, with the same numbers."""
+    runs = {}
+    for cache in (False, True):
+        out = tmp_path / f"cache_{cache}"
+        task = Eagle3Task(make_cfg(env, out, "num_epochs=2", "eval_every=9", "batch_size=6", f"cache_target={cache}"))
+        train(task)
+        runs[cache] = (read_jsonl(out / "metrics.jsonl"), task)
+    (plain, _), (cached, task) = runs[False], runs[True]
+    assert len(task.cache) == 48  # every train and eval conversation
+    assert [r["step"] for r in plain] == [r["step"] for r in cached] and len(plain) >= 6
+    for a, b in zip(plain, cached):
+        for k, v in a.items():
+            if k.startswith(("train/", "eval/")):
+                assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (a["step"], k)
+
+
 def _setup(cfg):
     from accelerate import Accelerator
 
@@ -174,6 +191,11 @@ def test_config_validation(env, tmp_path):
             make_cfg(env, tmp_path, override)
     with pytest.raises(ValueError, match="unknown config key"):
         make_cfg(env, tmp_path, "ttt_stepz=3")
+    shipped = sorted((REPO / "configs" / "eagle3").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"cpu_smoke", "smollm2-135m", "gpu1_llama3_8b", "multi_gpu_zero2", "zero3"}
+    for path in shipped:
+        cfg = load_config(Eagle3TrainConfig, path)
+        assert cfg.ttt_steps >= 1 and cfg.draft_vocab_size >= 1, path
 
 
 def _free_port() -> int:

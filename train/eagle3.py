@@ -17,6 +17,12 @@ saved head), head config from the target (``Eagle3Config.from_target``). ``init_
 ``lm_head`` from the target's LM-head rows of the draft vocabulary and ``norm`` from its final norm
 (much faster early training); ``init_from`` warm-starts from a saved head (its vocabulary is kept).
 
+``cache_target: true`` keeps, per conversation, the target's outputs (features, embeddings and the compact
+teacher: draft-vocab logits, full-vocab logsumexp and argmax) in memory after the conversation's first
+pass, so later epochs and evaluations skip the target: exact (same dtype), for small single-machine runs
+(the CPU config). Memory ~ tokens * 16 * H_t bytes (fp32) + assistant tokens * 4 * Vd bytes. Not with a
+ZeRO-3-sharded target (its ranks must run every forward together).
+
 Bad input raises ValueError before any training: aux ids the target does not have, a tokenizer larger than
 the target vocabulary or data ids outside it, ``draft_vocab_size`` > target vocab, an ``init_from`` head
 for another vocabulary/shape, data without conversations or assistant turns (train.chat_data).
@@ -58,6 +64,7 @@ class Eagle3TrainConfig(BaseTrainConfig):
     init_from_target: bool = True  # lm_head <- target LM-head rows of the draft vocab, norm <- final norm
     init_from: str = ""  # folder of a saved head to warm-start from (weights and draft vocabulary)
     intermediate_size: int = 0  # head MLP size; 0 = the target's
+    cache_target: bool = False  # keep each conversation's target outputs in RAM after its first pass
     target_revision: str = ""  # recorded in draft_vocab.json for provenance
 
     def validate(self) -> None:
@@ -145,6 +152,10 @@ class Eagle3Task(TrainTask):
         self.capture_ids = sorted({0, *self.aux_ids})  # index 0 = token embeddings (the head's inputs)
         self.init_head = self._load_init_head(vocab) if cfg.init_from else None
 
+        if cfg.cache_target and dist_utils.shards_target(accelerator, cfg):
+            raise ValueError("cache_target=true cannot be used with a ZeRO-3-sharded target (shard_target=true): "
+                             "every rank must run each target forward together")
+        self.cache: dict[int, tuple] | None = {} if cfg.cache_target else None
         engine = dist_utils.prepare_frozen_target(accelerator, target, cfg)
         self.target = getattr(engine, "module", engine)  # ZeRO-3: hooks on the partitioned modules gather
         self.tokenizer = tok
@@ -158,6 +169,8 @@ class Eagle3Task(TrainTask):
             raise ValueError(f"data token id {top} is outside the target vocabulary of {vocab} "
                              "(tokenizer/vocab mismatch between data and target)")
         kept = [r for r in rows if sum(r["loss_mask"][1:]) > 0]  # a teacher row needs an assistant token at t>=1
+        for i, r in enumerate(kept):
+            r["row_id"] = i  # key of the target-output cache
         stats["dropped_no_teacher_row"] = len(rows) - len(kept)
         if not kept:
             raise ValueError(f"data {cfg.data}: no conversation has an assistant token to predict ({stats})")
@@ -274,19 +287,46 @@ class Eagle3Task(TrainTask):
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         from train import chat_data
 
-        return chat_data.collate(rows, self.pad_id)
+        batch = chat_data.collate(rows, self.pad_id)
+        if all("row_id" in r for r in rows):
+            batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows], dtype=torch.long)
+        return batch
 
     # -- loss ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def target_pass(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, ttt.TTTTargets]:
-        """Frozen target -> (features [B, S, 3H_t], token embeddings [B, S, H], teacher targets)."""
+        """Frozen target (or the cache) -> (features [B, S, 3H_t], token embeddings [B, S, H], teacher targets)."""
         ids, am = batch["input_ids"], batch["attention_mask"]
+        rows = ttt.teacher_rows(batch["loss_mask"], am)
+        t2d = self.t2d.to(ids.device)
+        row_ids = batch.get("row_id")
+        keys = [int(r) for r in row_ids] if (self.cache is not None and row_ids is not None) else None
+        if keys is not None and all(k in self.cache for k in keys):
+            return self._from_cache(keys, ids.shape, rows, t2d)
         c = cap.capture(self.target, ids, am, layers=self.capture_ids, logits=False, final_hidden=True)
         features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
-        rows = ttt.teacher_rows(batch["loss_mask"], am)
-        row_logits = cap.lm_head(self.target)(c.final_hidden[rows]).float()
-        targets = ttt.build_targets(row_logits, rows, self.draft_ids.to(ids.device), self.t2d.to(ids.device))
-        return features, c.hidden_states[0], targets
+        embeds = c.hidden_states[0]
+        parts = ttt.teacher_parts(cap.lm_head(self.target)(c.final_hidden[rows]), self.draft_ids.to(ids.device))
+        if keys is not None:
+            lengths, counts = am.sum(1).tolist(), rows.sum(1).tolist()
+            start = 0
+            for b, key in enumerate(keys):
+                sl = slice(start, start + counts[b])
+                start += counts[b]
+                self.cache[key] = (features[b, :lengths[b]].clone(), embeds[b, :lengths[b]].clone(),
+                                   parts.logits_draft[sl].clone(), parts.logsumexp[sl].clone(), parts.top1[sl].clone())
+        return features, embeds, ttt.targets_from_parts(parts, rows, t2d)
+
+    def _from_cache(self, keys: list[int], shape, rows: torch.Tensor, t2d: torch.Tensor):
+        entries = [self.cache[k] for k in keys]
+        f0, e0 = entries[0][0], entries[0][1]
+        features = f0.new_zeros(*shape, f0.shape[-1])
+        embeds = e0.new_zeros(*shape, e0.shape[-1])
+        for b, (f, e, *_rest) in enumerate(entries):
+            features[b, : f.shape[0]] = f
+            embeds[b, : e.shape[0]] = e
+        parts = ttt.TeacherParts(*(torch.cat([ent[i] for ent in entries]) for i in (2, 3, 4)))
+        return features, embeds, ttt.targets_from_parts(parts, rows, t2d)
 
     def loss(self, model, batch):
         features, embeds, targets = self.target_pass(batch)

@@ -218,23 +218,44 @@ class TTTTargets:
     position: torch.Tensor  # [N] int64, u (column of each row)
 
 
+@dataclass
+class TeacherParts:
+    """The compact per-row teacher (what a cache keeps): draft-vocab logits and two full-vocab statistics."""
+
+    logits_draft: torch.Tensor  # [N, Vd] float32, target logits at the draft ids
+    logsumexp: torch.Tensor  # [N] float32, over the full vocabulary
+    top1: torch.Tensor  # [N] int64, full-vocabulary argmax (target id)
+
+
+@torch.no_grad()
+def teacher_parts(row_logits: torch.Tensor, draft_ids: torch.Tensor) -> TeacherParts:
+    """row_logits [N, V] (target logits at the teacher rows) -> TeacherParts."""
+    logits = row_logits.float()
+    return TeacherParts(logits_draft=logits[:, draft_ids.to(logits.device)],
+                        logsumexp=torch.logsumexp(logits, -1), top1=logits.argmax(-1))
+
+
+@torch.no_grad()
+def targets_from_parts(parts: TeacherParts, rows: torch.Tensor, t2d: torch.Tensor) -> TTTTargets:
+    """TeacherParts of the rows marked in ``rows`` [B, S] (row-major) -> TTTTargets."""
+    n = int(rows.sum())
+    if parts.logits_draft.shape[0] != n:
+        raise ValueError(f"teacher has {parts.logits_draft.shape[0]} rows but rows marks {n}")
+    ld = parts.logits_draft.float()
+    return TTTTargets(rows=rows, teacher=torch.softmax(ld, -1), p_draft=torch.exp(ld - parts.logsumexp[:, None]),
+                      top1=parts.top1, in_vocab=t2d.to(ld.device)[parts.top1],
+                      position=torch.nonzero(rows)[:, 1])
+
+
 @torch.no_grad()
 def build_targets(row_logits: torch.Tensor, rows: torch.Tensor, draft_ids: torch.Tensor,
                   t2d: torch.Tensor) -> TTTTargets:
     """row_logits [N, V] (target logits at ``rows``, row-major) -> TTTTargets."""
-    n = int(rows.sum())
-    if row_logits.shape[0] != n:
-        raise ValueError(f"row_logits has {row_logits.shape[0]} rows but rows marks {n}")
     if row_logits.shape[-1] != t2d.numel():
         raise ValueError(f"row_logits vocab {row_logits.shape[-1]} != t2d size {t2d.numel()} (target vocab)")
-    logits = row_logits.float()
-    ids = draft_ids.to(logits.device)
-    top1 = logits.argmax(-1)
-    p_draft = torch.softmax(logits, -1)[:, ids]
-    teacher = torch.softmax(logits[:, ids], -1)
-    position = torch.nonzero(rows)[:, 1]
-    return TTTTargets(rows=rows, teacher=teacher, p_draft=p_draft, top1=top1,
-                      in_vocab=t2d.to(logits.device)[top1], position=position)
+    if row_logits.shape[0] != int(rows.sum()):
+        raise ValueError(f"row_logits has {row_logits.shape[0]} rows but rows marks {int(rows.sum())}")
+    return targets_from_parts(teacher_parts(row_logits, draft_ids), rows, t2d)
 
 
 def ttt_loss(step_logits: Sequence[torch.Tensor], targets: TTTTargets, draft_ids: torch.Tensor,
