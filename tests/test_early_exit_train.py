@@ -130,7 +130,7 @@ def test_residual_stream_rule_enforced_in_training(env, tmp_path):
     with pytest.raises(ResidualStreamError, match="require grad.*layers <= 4"):
         train(_UnfreezeTask(make_cfg(env, tmp_path / "a", "max_steps=6", "eval_fraction=0")))
     with pytest.raises(ResidualStreamError, match="checksum"):
-        train(_EditTargetTask(make_cfg(env, tmp_path / "b", "max_steps=2", "eval_fraction=0")))
+        train(_EditTargetTask(make_cfg(env, tmp_path / "b", "max_steps=2", "eval_fraction=0", "head_type=attn")))
 
 
 @pytest.mark.parametrize("override, message", [
