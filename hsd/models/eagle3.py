@@ -18,6 +18,8 @@ Saved keys (exactly): ``fc.weight``, ``midlayer.{input_layernorm,hidden_norm,pos
 (``embed_tokens``, [V, H]): never trained, never saved; after ``from_pretrained`` call
 ``set_target_embedding(target)`` before using token ids (training passes embeddings directly).
 
+Saved heads open with ``Eagle3DraftModel.from_pretrained`` (or ``AutoModel`` once this module is imported).
+
 Captured target layers: ``config.eagle_config["eagle_aux_hidden_state_layer_ids"]`` are Hugging Face
 ``output_hidden_states`` indices (= vLLM's "capture before layer j"); default ``[2, N//2, N-3]``.
 
@@ -577,3 +579,17 @@ def load_draft(path: str, target: nn.Module | None = None, **kwargs) -> Eagle3Dr
                              f"the target has {tv}")
         model.set_target_embedding(target)
     return model
+
+
+def _register_auto_classes() -> None:
+    """Let ``AutoConfig``/``AutoModel`` open saved heads (model_type "eagle3_draft") once this module is imported."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register(Eagle3Config.model_type, Eagle3Config)
+        AutoModel.register(Eagle3Config, Eagle3DraftModel)
+    except ValueError:  # already registered (module reloaded)
+        pass
+
+
+_register_auto_classes()
