@@ -35,7 +35,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 if __package__ in (None, ""):  # `accelerate launch train/eagle3.py`: put the repo root on sys.path
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +65,9 @@ class Eagle3TrainConfig(BaseTrainConfig):
     init_from: str = ""  # folder of a saved head to warm-start from (weights and draft vocabulary)
     intermediate_size: int = 0  # head MLP size; 0 = the target's
     cache_target: bool = False  # keep each conversation's target outputs in RAM after its first pass
+
+    # Neither changes the numbers (attention paths agree to float rounding; the cache is exact).
+    resume_mutable: ClassVar[frozenset[str]] = BaseTrainConfig.resume_mutable | {"attention", "cache_target"}
     target_revision: str = ""  # recorded in draft_vocab.json for provenance
 
     def validate(self) -> None:
