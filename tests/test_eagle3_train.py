@@ -134,6 +134,47 @@ def test_target_cache_is_exact(env, tmp_path):
                 assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (a["step"], k)
 
 
+def _write_feature_cache(env, out: pathlib.Path, *extra: str) -> pathlib.Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cache_hidden_states", REPO / "scripts" / "cache_hidden_states.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(env / "chat.jsonl"), "--out", str(out), "--model", str(env / "target"), "--max-length", "96",
+              "--shard-size", "20", "--store-dtype", "float32", *extra])
+    return out
+
+
+def test_offline_features_equal_online(env, tmp_path):
+    """features=offline (scripts/cache_hidden_states.py output) gives the online features, embeddings and
+    teacher on the same conversations, and trains end to end; a cache for other layers is refused."""
+    cache = _write_feature_cache(env, tmp_path / "fc")
+    online = _setup(make_cfg(env, tmp_path / "on", "eval_fraction=0"))
+    offline = _setup(make_cfg(env, tmp_path / "off", "eval_fraction=0", "features=offline",
+                              f"feature_cache_dir={cache}"))
+    assert offline.aux_ids == online.aux_ids == [2, 4, 5] and torch.equal(offline.d2t, online.d2t)
+    by_id = {r["row_id"]: r for r in offline._train}
+    rows = [online._train[i] for i in (0, 5, 23, 47)]
+    assert all(by_id[r["row_id"]]["input_ids"] == r["input_ids"] for r in rows)  # same order as the data
+    batch = online.collate(rows)
+    on = online.target_pass(batch)
+    off = offline.target_pass(offline.collate([by_id[r["row_id"]] for r in rows]))
+    real = batch["attention_mask"].bool()  # padding positions differ (the target computes junk there)
+    assert (~real).any()
+    for a, b in zip(on[:2], off[:2]):
+        torch.testing.assert_close(b[real], a[real], rtol=1e-5, atol=1e-5)
+    for name in ("teacher", "p_draft", "top1", "in_vocab", "position", "rows"):
+        torch.testing.assert_close(getattr(off[2], name), getattr(on[2], name), rtol=1e-5, atol=1e-6)
+
+    result = train(Eagle3Task(make_cfg(env, tmp_path / "train_off", "features=offline", f"feature_cache_dir={cache}",
+                                       "max_steps=4", "eval_every=4")))
+    assert result["step"] == 4 and "eval/sim_accept_len" in result
+    assert (tmp_path / "train_off" / "best" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="differ from the layers"):
+        _setup(make_cfg(env, tmp_path / "bad", "features=offline", f"feature_cache_dir={cache}",
+                        "aux_layer_ids=[1,4,5]"))
+
+
 def _setup(cfg):
     from accelerate import Accelerator
 
@@ -177,16 +218,18 @@ def bad_env(env, tmp_path_factory):
     ("data=[{bad}/no_conversations.jsonl]", "conversations"),
     ("init_from={bad}/other_head", "vocabulary of 128"),
     ("max_length=8", "no conversation left|assistant"),
+    ("features=offline feature_cache_dir={bad}", "not a feature cache"),
 ])
 def test_bad_input_at_setup(env, bad_env, tmp_path, override, message):
-    cfg = make_cfg(env, tmp_path / "bad", override.format(bad=bad_env))
+    cfg = make_cfg(env, tmp_path / "bad", *override.format(bad=bad_env).split())
     with pytest.raises(ValueError, match=message):
         _setup(cfg)
 
 
 def test_config_validation(env, tmp_path):
     for override, message in (("ttt_steps=0", "ttt_steps"), ("attention=flash", "attention"),
-                              ("aux_layer_ids=[1,2]", "exactly 3"), ("step_weight=0", "step_weight")):
+                              ("aux_layer_ids=[1,2]", "exactly 3"), ("step_weight=0", "step_weight"),
+                              ("features=offline", "feature_cache_dir"), ("features=disk", "features")):
         with pytest.raises(ValueError, match=message):
             make_cfg(env, tmp_path, override)
     with pytest.raises(ValueError, match="unknown config key"):

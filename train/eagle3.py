@@ -26,7 +26,11 @@ ZeRO-3-sharded target (its ranks must run every forward together).
 Bad input raises ValueError before any training: aux ids the target does not have, a tokenizer larger than
 the target vocabulary or data ids outside it, ``draft_vocab_size`` > target vocab, an ``init_from`` head
 for another vocabulary/shape, data without conversations or assistant turns (train.chat_data).
-Feature source: online only (no offline feature cache module exists in this repository yet).
+Feature source (``features``): ``online`` (default; the target runs every batch) or ``offline``: read the
+aux and final hidden states from ``feature_cache_dir`` written by ``scripts/cache_hidden_states.py``
+(train.feature_cache); the target is still loaded, for its token embeddings and its LM head (teacher
+logits from the cached final hidden state). The cache's rows are the data (``data`` is not read); its
+meta must match the target (vocabulary, tokenizer size, hidden size, layer count) and the aux ids.
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ class Eagle3TrainConfig(BaseTrainConfig):
     init_from: str = ""  # folder of a saved head to warm-start from (weights and draft vocabulary)
     intermediate_size: int = 0  # head MLP size; 0 = the target's
     cache_target: bool = False  # keep each conversation's target outputs in RAM after its first pass
+    features: str = "online"  # online | offline (read feature_cache_dir, see scripts/cache_hidden_states.py)
+    feature_cache_dir: str = ""
 
     # Neither changes the numbers (attention paths agree to float rounding; the cache is exact).
     resume_mutable: ClassVar[frozenset[str]] = BaseTrainConfig.resume_mutable | {"attention", "cache_target"}
@@ -85,6 +91,12 @@ class Eagle3TrainConfig(BaseTrainConfig):
                              f"default), got {self.aux_layer_ids}")
         if any(i < 0 for i in self.aux_layer_ids):
             raise ValueError(f"aux_layer_ids must be >= 0, got {self.aux_layer_ids}")
+        if self.features not in ("online", "offline"):
+            raise ValueError(f"features must be 'online' or 'offline', got {self.features!r}")
+        if self.features == "offline" and not self.feature_cache_dir:
+            raise ValueError("features=offline needs feature_cache_dir (written by scripts/cache_hidden_states.py)")
+        if self.features == "offline" and self.cache_target:
+            raise ValueError("cache_target is for features=online (offline features are already cached)")
         if self.intermediate_size < 0:
             raise ValueError(f"intermediate_size must be >= 0 (0 = the target's), got {self.intermediate_size}")
 
@@ -148,9 +160,15 @@ class Eagle3Task(TrainTask):
             raise ValueError(f"draft_vocab_size ({cfg.draft_vocab_size}) is larger than the target vocabulary "
                              f"({vocab})")
         overrides = {"intermediate_size": cfg.intermediate_size} if cfg.intermediate_size else {}
+        aux_ids = list(cfg.aux_layer_ids) or None
+        self.features = None
+        if cfg.features == "offline":
+            from train.feature_cache import FeatureCache
+
+            self.features = FeatureCache(cfg.feature_cache_dir, dtype=dist_utils.target_dtype(cfg))
+            aux_ids = self._check_feature_cache(self.features.meta, target, tok, aux_ids)
         # Validates the aux ids against the target (ValueError naming them) before any data work.
-        self.head_config = Eagle3Config.from_target(target.config, cfg.draft_vocab_size,
-                                                    cfg.aux_layer_ids or None, **overrides)
+        self.head_config = Eagle3Config.from_target(target.config, cfg.draft_vocab_size, aux_ids, **overrides)
         self.aux_ids = self.head_config.aux_layer_ids
         self.capture_ids = sorted({0, *self.aux_ids})  # index 0 = token embeddings (the head's inputs)
         self.init_head = self._load_init_head(vocab) if cfg.init_from else None
@@ -164,16 +182,20 @@ class Eagle3Task(TrainTask):
         self.tokenizer = tok
         self.pad_id = chat_data.pad_id_of(tok)
 
-        conversations = chat_data.load_conversations(list(cfg.data))
-        tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length, overflow=cfg.overflow)
-        rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
+        if self.features is None:
+            conversations = chat_data.load_conversations(list(cfg.data))
+            tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length,
+                                                    overflow=cfg.overflow)
+            rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
+        else:
+            rows, stats = self._feature_cache_rows()
         top = max(max(r["input_ids"]) for r in rows)
         if top >= vocab:
             raise ValueError(f"data token id {top} is outside the target vocabulary of {vocab} "
                              "(tokenizer/vocab mismatch between data and target)")
         kept = [r for r in rows if sum(r["loss_mask"][1:]) > 0]  # a teacher row needs an assistant token at t>=1
         for i, r in enumerate(kept):
-            r["row_id"] = i  # key of the target-output cache
+            r.setdefault("row_id", i)  # key of the in-RAM target cache (offline: the feature-cache row)
         stats["dropped_no_teacher_row"] = len(rows) - len(kept)
         if not kept:
             raise ValueError(f"data {cfg.data}: no conversation has an assistant token to predict ({stats})")
@@ -200,7 +222,8 @@ class Eagle3Task(TrainTask):
             "coverage_of": "assistant tokens of the training split",
             "aux_layer_ids": self.aux_ids,
             "aux_layer_ids_convention": "Hugging Face output_hidden_states indices = vLLM 'capture before layer j'",
-            "ttt_steps": cfg.ttt_steps, "step_weight": cfg.step_weight, "data": list(cfg.data),
+            "ttt_steps": cfg.ttt_steps, "step_weight": cfg.step_weight,
+            "data": list(cfg.data) if self.features is None else f"feature cache {cfg.feature_cache_dir}",
             "data_stats": {k: v for k, v in stats.items()},
         }
         self._print(f"draft vocab: {self.d2t.numel()} of {vocab} tokens, coverage {coverage:.4f} of assistant "
@@ -214,6 +237,61 @@ class Eagle3Task(TrainTask):
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             print(msg, flush=True)
+
+    def _check_feature_cache(self, meta: dict, target, tok, aux_ids: list[int] | None) -> list[int]:
+        """ValueError unless the offline cache was written for this target/tokenizer; returns the aux ids."""
+        cfg: Eagle3TrainConfig = self.config
+        tc = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+        where = f"feature cache {cfg.feature_cache_dir!r} (target {meta.get('target')!r})"
+        facts = {"vocab_size": int(tc.vocab_size), "hidden_size": int(tc.hidden_size),
+                 "num_target_layers": cap.num_layers(target), "tokenizer_size": len(tok)}
+        for key, want in facts.items():
+            if key in meta and int(meta[key]) != want:
+                raise ValueError(f"{where} has {key}={meta[key]} but target {cfg.target!r} has {want} "
+                                 "(tokenizer/vocab or model mismatch)")
+        layers = [int(i) for i in meta["layers"]]
+        if aux_ids is not None and list(aux_ids) != layers:
+            raise ValueError(f"aux_layer_ids {list(aux_ids)} differ from the layers {layers} stored in {where}")
+        if str(meta.get("target")) != str(cfg.target):
+            self._print(f"note: {where} names another target string than {cfg.target!r}; sizes match")
+        return layers
+
+    def _feature_cache_rows(self) -> tuple[list[dict], dict]:
+        """input_ids/loss_mask of every cached conversation (no hidden states read), with max_length applied."""
+        from safetensors import safe_open
+
+        from train.feature_cache import shard_name
+
+        cfg: Eagle3TrainConfig = self.config
+        fc = self.features
+        rows: list[dict] = []
+        stats = dict(rows=0, kept=0, truncated=0, dropped_too_long=0, dropped_no_assistant=0, tokens=0,
+                     assistant_tokens=0, max_length=cfg.max_length, overflow=cfg.overflow,
+                     source=f"feature cache {cfg.feature_cache_dir}")
+        for k in range(int(fc.meta["num_shards"])):
+            with safe_open(str(fc.directory / shard_name(k)), framework="pt") as h:
+                ids, mask, offsets = h.get_tensor("input_ids"), h.get_tensor("loss_mask"), h.get_tensor("offsets")
+            for r in range(offsets.numel() - 1):
+                a, b = int(offsets[r]), int(offsets[r + 1])
+                stats["rows"] += 1
+                row = {"row_id": k * fc.shard_size + r, "input_ids": ids[a:b].tolist(),
+                       "loss_mask": mask[a:b].long().tolist()}
+                if len(row["input_ids"]) > cfg.max_length:
+                    if cfg.overflow == "drop":
+                        stats["dropped_too_long"] += 1
+                        continue
+                    row["input_ids"], row["loss_mask"] = row["input_ids"][:cfg.max_length], row["loss_mask"][:cfg.max_length]
+                    stats["truncated"] += 1
+                if not any(row["loss_mask"]):
+                    stats["dropped_no_assistant"] += 1
+                    continue
+                stats["kept"] += 1
+                stats["tokens"] += len(row["input_ids"])
+                stats["assistant_tokens"] += sum(row["loss_mask"])
+                rows.append(row)
+        if not rows:
+            raise ValueError(f"feature cache {cfg.feature_cache_dir!r}: no conversation left ({stats})")
+        return rows, stats
 
     def _load_init_head(self, vocab: int) -> Eagle3DraftModel:
         cfg: Eagle3TrainConfig = self.config
@@ -306,6 +384,8 @@ class Eagle3Task(TrainTask):
         keys = [int(r) for r in row_ids] if (self.cache is not None and row_ids is not None) else None
         if keys is not None and all(k in self.cache for k in keys):
             return self._from_cache(keys, ids.shape, rows, t2d)
+        if self.features is not None:
+            return self._from_feature_cache(batch, rows, t2d)
         c = cap.capture(self.target, ids, am, layers=self.capture_ids, logits=False, final_hidden=True)
         features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
         embeds = c.hidden_states[0]
@@ -319,6 +399,23 @@ class Eagle3Task(TrainTask):
                 self.cache[key] = (features[b, :lengths[b]].clone(), embeds[b, :lengths[b]].clone(),
                                    parts.logits_draft[sl].clone(), parts.logsumexp[sl].clone(), parts.top1[sl].clone())
         return features, embeds, ttt.targets_from_parts(parts, rows, t2d)
+
+    def _from_feature_cache(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, t2d: torch.Tensor):
+        """Offline: cached aux/final hidden states, the target's embeddings and LM head (teacher rows only)."""
+        ids = batch["input_ids"]
+        if "row_id" not in batch:
+            raise ValueError("features=offline batches need row_id (use Eagle3Task.collate)")
+        cached = [self.features[int(r)] for r in batch["row_id"]]
+        b, s = ids.shape
+        aux = torch.zeros(b, s, cached[0]["aux_hidden"].shape[-1], dtype=cached[0]["aux_hidden"].dtype)
+        final = torch.zeros(b, s, cached[0]["final_hidden"].shape[-1], dtype=cached[0]["final_hidden"].dtype)
+        for i, row in enumerate(cached):
+            n = min(s, row["aux_hidden"].shape[0], int(batch["attention_mask"][i].sum()))
+            aux[i, :n], final[i, :n] = row["aux_hidden"][:n], row["final_hidden"][:n]
+        aux, final = aux.to(ids.device), final.to(ids.device)
+        embeds = self.target.get_input_embeddings()(ids)
+        parts = ttt.teacher_parts(cap.lm_head(self.target)(final[rows]), self.draft_ids.to(ids.device))
+        return aux, embeds, ttt.targets_from_parts(parts, rows, t2d)
 
     def _from_cache(self, keys: list[int], shape, rows: torch.Tensor, t2d: torch.Tensor):
         entries = [self.cache[k] for k in keys]
