@@ -534,7 +534,8 @@ class _Trainer:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                 st.batches_in_epoch += 1
-                window.add("loss", loss.detach().float(), 1.0)
+                if not metrics or "loss" not in metrics:  # a task's own (sum, count) loss is exact
+                    window.add("loss", loss.detach().float(), 1.0)
                 window.add_metrics(metrics)
                 win_tokens += count_tokens(batch)
                 if not acc.sync_gradients:
