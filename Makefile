@@ -1,4 +1,4 @@
-# Two entry points for newcomers (see README): `make demo` and `make test`.
+# Two entry points for newcomers (see README): `make run` (the main job) and `make test`.
 # Everything installs into ./.venv from this repository's own files; torch is pinned through
 # constraints.txt so that a CPU-only machine never pulls a CUDA build.
 PY ?= python3
@@ -15,6 +15,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 
 install: $(BIN)/.installed
 
+# Main job: train an EAGLE-3 draft head for SmolLM2-135M-Instruct on the bundled conversations (CPU,
+# offline). --resume: running it again continues an interrupted run instead of refusing the folder.
+run: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline} \
+		$(BIN)/python -m train.eagle3 --config configs/eagle3/smollm2-135m.yaml --resume
+
 demo: install
 	$(BIN)/python -m hsd.verify --demo
 
@@ -22,4 +28,4 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+.PHONY: install run demo test
