@@ -11,7 +11,8 @@ Timed pieces (median of --iters after --warmup), all on the same [batch, seq_len
 * ``head_step``: the head's training step given those features: TTT unroll (K steps), loss, backward,
   AdamW step.
 Printed: tokens/s of each, ``ratio = head_step / target_forward`` (the issue's number; goal <= 1.0x at 8B
-scale) and ``online_ratio = (target_capture + head_step) / target_forward``. ``--assistant-fraction``
+scale), ``online_ratio = (target_capture + head_step) / target_forward`` and the analytic matmul-FLOP
+ratio (linear layers only) that a compute-bound device approaches. ``--assistant-fraction``
 sets the share of positions with an assistant next token (teacher rows); real chat data is ~0.5-0.8.
 Weights are random (speed only); with a GPU the step runs under bf16 autocast with fp32 master weights.
 """
@@ -68,6 +69,19 @@ def build_target(preset: str, device: torch.device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(prev)
     return model.eval().requires_grad_(False)
+
+
+def matmul_flop_ratio(target, head, steps: int, assistant_fraction: float) -> float:
+    """Analytic (linear layers only, no attention) FLOPs of a head training step / a target forward, per token.
+
+    Target forward: every weight matrix except the input embedding (LM head included). Head: fc once, then per
+    TTT step the layer's projections + the LM head on the teacher rows, times 3 for forward + backward."""
+    emb = target.get_input_embeddings().weight
+    tied = target.get_output_embeddings().weight is emb
+    t = sum(p.numel() for n, p in target.named_parameters() if p.ndim == 2) - (0 if tied else emb.numel())
+    layer = sum(p.numel() for p in head.midlayer.parameters() if p.ndim == 2)
+    h = head.fc.weight.numel() + steps * (layer + assistant_fraction * head.lm_head.weight.numel())
+    return 3 * h / t
 
 
 def sync(device: torch.device) -> None:
@@ -170,6 +184,7 @@ def main(argv=None) -> dict:
         "target_forward_tok_s": tokens / t_fwd, "head_step_tok_s": tokens / t_head,
         "online_step_tok_s": tokens / (t_cap + t_head),
         "ratio": t_head / t_fwd, "online_ratio": (t_cap + t_head) / t_fwd,
+        "matmul_flop_ratio": matmul_flop_ratio(target, head, a.steps, a.assistant_fraction),
     }
     print(f"{preset} on {res['device']} ({res['threads']} threads): batch {batch} x {seq_len} tokens, K={a.steps}, "
           f"Vd={vd}, attention={a.attention}, assistant fraction {a.assistant_fraction}")
@@ -178,6 +193,8 @@ def main(argv=None) -> dict:
     print(f"  head training step (K={a.steps})   {t_head * 1e3:9.1f} ms  {tokens / t_head:10.0f} tok/s")
     print(f"  ratio head step / target forward = {res['ratio']:.2f}x;  online step (capture + head) / target "
           f"forward = {res['online_ratio']:.2f}x")
+    print(f"  analytic matmul-FLOP ratio head step / target forward = {res['matmul_flop_ratio']:.2f}x "
+          "(linear layers only)")
     print(json.dumps(res))
     if a.json:
         with open(a.json, "w") as f:
