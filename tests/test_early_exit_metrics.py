@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from train.chat_data import split_rows
 from train.config import load_config
 from train.early_exit import (
     EarlyExitHeads,
@@ -11,7 +12,6 @@ from train.early_exit import (
     exit_metrics,
     next_token_positions,
     plot_exit_quality,
-    split_rows,
     summarise,
 )
 

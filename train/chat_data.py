@@ -387,3 +387,16 @@ def collate(rows: Sequence[Mapping[str, Any]], pad_id: int, *,
         att[i, :n] = 1
         lm[i, :n] = torch.as_tensor(r["loss_mask"], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": att, "loss_mask": lm}
+
+
+def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split into (train, eval); eval gets round(eval_fraction * n) rows (at least 1 if > 0).
+
+    Both trainers hold out conversations this way, so the same seed gives the same held-out set.
+    """
+    n = len(rows)
+    n_eval = 0 if eval_fraction <= 0 else max(1, round(eval_fraction * n))
+    if n_eval >= n:
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training rows out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]

@@ -50,6 +50,7 @@ from torch import nn  # noqa: E402
 from hsd.models import capture as cap  # noqa: E402
 from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel  # noqa: E402
 from train import ttt  # noqa: E402
+from train.chat_data import split_rows  # noqa: E402
 from train.config import BaseTrainConfig  # noqa: E402
 from train.loop import TrainTask, main  # noqa: E402
 
@@ -114,16 +115,6 @@ class Eagle3TTTModel(nn.Module):
     def forward(self, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
         """-> per-step draft logits [N_k, Vd] at ``ttt.step_rows(rows, k)``."""
         return ttt.ttt_unroll(self.draft, features, embeds, rows, self.steps, self.attention)
-
-
-def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split -> (train, eval); eval gets round(eval_fraction * n) rows, at least 1 when > 0."""
-    n = len(rows)
-    n_eval = 0 if eval_fraction <= 0 else max(1, round(eval_fraction * n))
-    if n_eval >= n:
-        raise ValueError(f"eval_fraction={eval_fraction} leaves no training conversation out of {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
 def _vocab_of(config: Any) -> int:

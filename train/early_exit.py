@@ -60,6 +60,7 @@ from hsd.models.early_exit import (  # noqa: E402
     default_exit_layers,
     target_checksum,
 )
+from train.chat_data import split_rows  # noqa: E402
 from train.config import BaseTrainConfig  # noqa: E402
 from train.loop import TrainTask, main  # noqa: E402
 
@@ -218,16 +219,6 @@ class EarlyExitHeads(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------------------------------
-
-
-def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split into (train, eval); eval gets round(eval_fraction * n) rows (at least 1 if > 0)."""
-    n = len(rows)
-    n_eval = 0 if eval_fraction <= 0 else max(1, round(eval_fraction * n))
-    if n_eval >= n:
-        raise ValueError(f"eval_fraction={eval_fraction} leaves no training rows out of {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
 class EarlyExitTask(TrainTask):
