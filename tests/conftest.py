@@ -37,3 +37,35 @@ def tiny_causal_lm(family: str = "llama", *, vocab_size: int = 96, hidden_size: 
 def tiny_target(request):
     """A tiny random target of each supported family (8 layers, vocab 96)."""
     return tiny_causal_lm(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread (two spin against each other on a busy 2-core machine, up to ~50x
+    slower). Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CHAT_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def write_tiny_chat_run(root):
+    """A tiny 8-layer Llama target (peaked outputs: initializer_range 0.3) + ChatML tokenizer saved in
+    ``root/target``, and ``root/chat.jsonl`` with 48 short conversations. Returns ``root``."""
+    import json
+
+    from tests.tiny_tokenizers import tiny_chat_tokenizer
+
+    target = tiny_causal_lm("llama", initializer_range=0.3)
+    target.save_pretrained(root / "target")
+    tiny_chat_tokenizer("chatml").save_pretrained(root / "target")
+    rows = []
+    for i in range(48):
+        a, b = CHAT_WORDS[i % 10], CHAT_WORDS[(3 * i + 1) % 10]
+        rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {i % 7} and {b}."}]})
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

@@ -13,14 +13,7 @@ from hsd.models.eagle3 import EXPORT_KEYS, Eagle3Cache, Eagle3Config, Eagle3Draf
 from tests.conftest import tiny_causal_lm
 from train import ttt
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (two spin against each other on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_head(target, vd=64, seed=1, **overrides) -> Eagle3DraftModel:

@@ -15,22 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 from hsd.models.eagle3 import EXPORT_KEYS, Eagle3Config, Eagle3DraftModel
-from tests.conftest import tiny_causal_lm
+from tests.conftest import tiny_causal_lm, write_tiny_chat_run
 from tests.tiny_tokenizers import tiny_chat_tokenizer
 from train.config import load_config
 from train.eagle3 import Eagle3Task, Eagle3TrainConfig
 from train.loop import main, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
@@ -41,18 +35,7 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Tiny 8-layer Llama target (peaked outputs) + ChatML tokenizer in a folder; 48 short conversations."""
-    root = tmp_path_factory.mktemp("e3")
-    target = tiny_causal_lm("llama", initializer_range=0.3)
-    tok = tiny_chat_tokenizer("chatml")
-    target.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    rows = []
-    for i in range(48):
-        a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
-        rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} is {i % 7} and {b}."}]})
-    _write_jsonl(root / "chat.jsonl", rows)
-    return root
+    return write_tiny_chat_run(tmp_path_factory.mktemp("e3"))
 
 
 def base_overrides(env, out) -> list[str]:

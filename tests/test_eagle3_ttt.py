@@ -10,13 +10,7 @@ from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from tests.conftest import tiny_causal_lm
 from train import ttt
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_attention_mask_structure():

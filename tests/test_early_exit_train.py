@@ -12,43 +12,21 @@ import pytest
 import torch
 
 from hsd.models.early_exit import EarlyExitHead, ResidualStreamError
-from tests.conftest import tiny_causal_lm
-from tests.tiny_tokenizers import tiny_chat_tokenizer
+from tests.conftest import write_tiny_chat_run
 from train.config import load_config
 from train.early_exit import EarlyExitTask, EarlyExitTrainConfig
 from train.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (two threads spin against each other on a busy 2-core machine,
-    ~50x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A tiny 8-layer Llama target (peaked outputs: initializer_range 0.3) + tokenizer in a folder, and a
-    chat jsonl of 48 short conversations."""
-    root = tmp_path_factory.mktemp("ee")
-    target = tiny_causal_lm("llama", initializer_range=0.3)
-    tok = tiny_chat_tokenizer("chatml")
-    target.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    rows = []
-    for i in range(48):
-        a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
-        rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} is {i % 7} and {b}."}]})
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    """A tiny 8-layer Llama target + tokenizer in a folder, and a chat jsonl of 48 short conversations."""
+    return write_tiny_chat_run(tmp_path_factory.mktemp("ee"))
 
 
 def make_cfg(env, out, *overrides):
