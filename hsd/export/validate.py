@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -104,8 +105,10 @@ def clean_process_config(folder: str | os.PathLike, timeout: float = 300) -> dic
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(Path(folder).resolve()))
     marker = [line for line in proc.stdout.splitlines() if line.startswith("@@")]
     if proc.returncode != 0 or not marker:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ExportError(f"config.json does not load with AutoConfig in a clean process: {tail}")
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+        tail = (errors or lines)[-1]
+        raise ExportError(f"config.json does not load with AutoConfig in a clean process: {tail[:400]}")
     return json.loads(marker[-1][2:])
 
 
