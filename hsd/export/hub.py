@@ -53,11 +53,13 @@ def _offline() -> bool:
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
                 token: str | None = None, dry_run: bool = False, commit_message: str | None = None,
-                api: Any = None, target: Any = None, validated: bool = False) -> PushPlan:
+                api: Any = None, endpoint: str | None = None, target: Any = None,
+                validated: bool = False) -> PushPlan:
     """Validate ``folder`` and upload its curated files to ``repo_id`` in one commit (see the module doc).
 
     ``revision``: a branch (created from the default branch when missing). ``dry_run``: validate and
-    return the plan without any network call. ``api``: an ``HfApi``-like object (tests inject one).
+    return the plan without any network call. ``api``: an ``HfApi``-like object (tests inject one);
+    ``endpoint``: another Hub endpoint for the ``HfApi`` built here (default: huggingface_hub's).
     ``validated``: skip re-validation (the caller just validated this folder).
     """
     from hsd.export.validate import validate
@@ -79,7 +81,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         if not token:
             raise ExportError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN (a token with "
                               "write access); nothing was uploaded")
-        api = HfApi(token=token)
+        api = HfApi(token=token, endpoint=endpoint)
     from huggingface_hub import CommitOperationAdd
 
     folder = Path(folder)
