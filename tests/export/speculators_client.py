@@ -12,7 +12,8 @@ FOLDER: an export. ``--convert``: FOLDER is a native export; run speculators' ``
 Otherwise FOLDER is a speculators-format export, loaded directly. TARGET_DIR: the target's local folder
 (the verifier: speculators reads its config and token embedding from it, as vLLM takes them from the
 served target). INPUTS: safetensors with ``hidden_states`` [1, T, 3H] (the three captured target states,
-concatenated), ``input_ids`` [1, T] (row t's token) and ``position_ids`` [1, T]. OUTPUT: safetensors with
+concatenated), ``input_ids`` [1, T] (row t's token), ``position_ids`` [1, T] and optionally ``document_ids``
+[1, T] (several sequences packed into one row, attention kept within each). OUTPUT: safetensors with
 ``logits`` [1, T, Vd] (step 0, draft vocabulary) and ``draft_tokens`` [1, T] (their argmax, draft ids),
 plus a JSON line on stdout with what was loaded.
 """
@@ -77,7 +78,8 @@ def main() -> int:
     dtype = model.fc.weight.dtype
     with torch.no_grad():
         tokens = model(hidden_states=x["hidden_states"].to(dtype), input_ids=x["input_ids"],
-                       document_ids=torch.zeros_like(x["input_ids"]), position_ids=x["position_ids"], ttt_steps=1)
+                       document_ids=x.get("document_ids", torch.zeros_like(x["input_ids"])),
+                       position_ids=x["position_ids"], ttt_steps=1)
     save_file({"logits": captured["logits"].float().contiguous(), "draft_tokens": tokens[0].contiguous()}, a.output)
     print("@@" + json.dumps(info))
     return 0
