@@ -102,7 +102,7 @@ def untrained_problems(state: dict[str, torch.Tensor], config: dict[str, Any] | 
     out = []
     ones = [k for k in layout.MIDLAYER_NORMS if k in state and bool((state[k].float() == 1.0).all())]
     if len(ones) == len(layout.MIDLAYER_NORMS):
-        out.append(f"weights {ones} are all exactly 1.0, their initial value: this head was never trained "
+        out.append(f"{ones} are all exactly 1.0, their initial value: this head was never trained "
                    "(step 0); export a trained folder such as final/ or best/")
     if config is not None and seed is not None:
         fresh = fresh_init_state(config, seed)
@@ -110,7 +110,7 @@ def untrained_problems(state: dict[str, torch.Tensor], config: dict[str, Any] | 
                 and k != "norm.weight" and k in fresh and fresh[k].shape == v.shape
                 and torch.equal(fresh[k].to(v.dtype), v)]
         if same:
-            out.append(f"weights {same} are bit-equal to a fresh initialisation (torch.manual_seed({seed})): "
+            out.append(f"{same} are bit-equal to a fresh initialisation (torch.manual_seed({seed})): "
                        "this head was never trained (step 0)")
     return out
 
