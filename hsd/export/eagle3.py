@@ -326,10 +326,10 @@ def export_eagle3(head: str | os.PathLike | HeadSource, out_dir: str | os.PathLi
         target or src.target_name or _missing_target(src), hub_id=target_hub_id,
         revision=target_revision or src.target_revision)
     cfg = src.config
-    problems = _fixed_fields_problems(cfg if not cfg.get("speculators_model_type") else _flatten_speculators(cfg))
+    flat = cfg if not cfg.get("speculators_model_type") else _flatten_speculators(cfg)
+    problems = _fixed_fields_problems(flat)
     if problems:
         raise ExportError(f"{src.folder}/config.json: " + "; ".join(problems))
-    flat = cfg if not cfg.get("speculators_model_type") else _flatten_speculators(cfg)
     _check_against_target(flat, tgt, f"head {str(src.folder)!r}")
     ids = aux_ids_of(flat)
     recorded = src.vocab_info.get("aux_layer_ids")
