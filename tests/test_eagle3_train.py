@@ -135,7 +135,7 @@ def test_offline_features_equal_online(env, tmp_path):
     online = _setup(make_cfg(env, tmp_path / "on", "eval_fraction=0"))
     offline = _setup(make_cfg(env, tmp_path / "off", "eval_fraction=0", "features=offline",
                               f"feature_cache_dir={cache}"))
-    assert offline.aux_ids == online.aux_ids == [2, 4, 5] and torch.equal(offline.d2t, online.d2t)
+    assert offline.aux_ids == online.aux_ids == [2, 4, 5] and torch.equal(offline.vocab.d2t, online.vocab.d2t)
     by_id = {r["row_id"]: r for r in offline._train}
     rows = [online._train[i] for i in (0, 5, 23, 47)]
     assert all(by_id[r["row_id"]]["input_ids"] == r["input_ids"] for r in rows)  # same order as the data
@@ -171,10 +171,10 @@ def test_setup_reports_overflow_and_builds_vocab(env, tmp_path):
     assert task.data_stats["dropped_too_long"] > 0 and task.data_stats["kept"] < 48
     task = _setup(make_cfg(env, tmp_path / "t", "max_length=80", "overflow=truncate"))
     assert task.data_stats["truncated"] > 0 and task.data_stats["kept"] == 48
-    assert torch.equal(torch.nonzero(task.t2d).flatten(), task.draft_ids)
+    assert torch.equal(torch.nonzero(task.vocab.t2d).flatten(), task.vocab.target_ids)
     draft = task.model().draft
-    assert torch.equal(draft.d2t, task.d2t)
-    target_rows = task.target.get_output_embeddings().weight[task.draft_ids]
+    assert torch.equal(draft.d2t, task.vocab.d2t)
+    target_rows = task.target.get_output_embeddings().weight[task.vocab.target_ids]
     torch.testing.assert_close(draft.lm_head.weight, target_rows)  # init_from_target (default on)
     torch.testing.assert_close(draft.norm.weight, task.target.model.norm.weight)
 

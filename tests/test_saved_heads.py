@@ -74,7 +74,8 @@ def assert_same_checkpoint_format(folder: pathlib.Path, model, tmp_path) -> None
 
 
 def test_saved_eagle3_head(tmp_path):
-    from hsd.models.eagle3 import Eagle3Cache, load_draft
+    from hsd.models.eagle3 import load_draft
+    from hsd.models.kv import KVCache
     from train import ttt
 
     ref, target = reference(), fixture_target()
@@ -85,20 +86,21 @@ def test_saved_eagle3_head(tmp_path):
         pre = head(ids[:, :5], features=feats[:, :5])
         step = head(ids[:, 5:6], torch.full((2, 1), 5), pre.cache, hidden=pre.hidden[:, -1:])
         cache = step.cache.crop(4)
-        again = head(ids[:, 4:6], torch.tensor([[4, 5], [4, 5]]), Eagle3Cache(cache.key, cache.value),
+        again = head(ids[:, 4:6], torch.tensor([[4, 5], [4, 5]]), KVCache(cache.key, cache.value),
                      hidden=pre.hidden[:, 3:5])
         unroll = ttt.ttt_unroll(head, feats, head.embed(ids), torch.ones(2, 7, dtype=torch.bool), 3,
                                 all_rows=True)
-    same(head.draft_ids, ref["e3.draft_ids"])
+    same(head.draft_vocab.target_ids, ref["e3.draft_ids"])
     for name, out in (("prefill", pre), ("step", step), ("crop", again)):
         same(out.logits, ref[f"e3.{name}.logits"])
         same(out.hidden, ref[f"e3.{name}.hidden"])
-    same(head.draft_logits_to_target(pre.logits), ref["e3.prefill.target_logits"])
+    same(head.draft_vocab.scatter_logits(pre.logits), ref["e3.prefill.target_logits"])
     for k, lg in enumerate(unroll):
         same(lg, ref[f"e3.ttt.{k}"])
 
 
 def test_saved_early_exit_heads(tmp_path):
+    from hsd.decode.sampling import process_logits
     from hsd.models.early_exit import load_head
 
     ref, target = reference(), fixture_target()
@@ -110,8 +112,10 @@ def test_saved_early_exit_heads(tmp_path):
         assert_same_checkpoint_format(folder, head, tmp_path / kind)
         with torch.no_grad():
             same(head(h).logits, ref[f"ee.{kind}.logits"])
-            same(head.step(h, temperature=0.7).probs, ref[f"ee.{kind}.probs_t0.7"])
-            same(head.step(h, temperature=0.0).probs, ref[f"ee.{kind}.probs_t0"])
+            logits = head.step(h).logits
+            # the processed rows the head used to return (its removed `probs`): the decoder's one function
+            for t in (0.7, 0.0):
+                same(head.draft_vocab.scatter_probs(process_logits(logits, t)), ref[f"ee.{kind}.probs_t{t:g}"])
     head = load_head(str(FIXTURES / "early_exit_attn"), target)
     with torch.no_grad():
         first = head.step(h[:, :4])

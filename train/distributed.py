@@ -5,7 +5,7 @@ Launch modes (see configs/accelerate/*.yaml):
 * many processes with DeepSpeed ZeRO-2/3 (GPU, or CPU with gloo: `cpu_ds_zero2_2proc.yaml`);
 * many processes with plain DDP (GPU).
 
-Pitfalls handled here (research/environment.md §2): on a CPU-only machine accelerate picks no process-group
+Pitfalls handled here (docs/environment.md): on a CPU-only machine accelerate picks no process-group
 backend for DeepSpeed and silently runs world size 1 per process, so `make_accelerator` passes
 `InitProcessGroupKwargs(backend="gloo")` there, and checks `accelerator.num_processes == $WORLD_SIZE`.
 

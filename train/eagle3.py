@@ -198,18 +198,14 @@ class Eagle3Task(TrainTask):
                     f"{len(self._train)} train / {len(self._eval)} eval")
 
         if self.init_head is not None:
-            self.d2t = self.init_head.d2t.detach().cpu().clone()
-            self.t2d = self.init_head.t2d.detach().cpu().clone()
-            counts = draft_vocab.token_counts(self._train, vocab)
-            total = int(counts.sum())
-            coverage = float(counts[self.t2d].sum()) / total if total else 0.0
+            self.vocab = self.init_head.draft_vocab.to("cpu")
+            coverage = draft_vocab.coverage(draft_vocab.token_counts(self._train, vocab), self.vocab)
         else:
-            self.d2t, self.t2d, coverage = draft_vocab.build_draft_vocab(
+            self.vocab, coverage = draft_vocab.build_draft_vocab(
                 self._train, target_vocab_size=vocab, draft_vocab_size=cfg.draft_vocab_size)
-        self.draft_ids = torch.arange(self.d2t.numel()) + self.d2t
         self.vocab_info = {
             "target": cfg.target, "target_revision": cfg.target_revision or None, "target_vocab_size": vocab,
-            "draft_vocab_size": int(self.d2t.numel()), "coverage": coverage,
+            "draft_vocab_size": self.vocab.size, "coverage": coverage,
             "coverage_of": "assistant tokens of the training split",
             "aux_layer_ids": self.aux_ids,
             "aux_layer_ids_convention": "Hugging Face output_hidden_states indices = vLLM 'capture before layer j'",
@@ -217,7 +213,7 @@ class Eagle3Task(TrainTask):
             "data": list(cfg.data) if self.features is None else f"feature cache {cfg.feature_cache_dir}",
             "data_stats": {k: v for k, v in stats.items()},
         }
-        self._print(f"draft vocab: {self.d2t.numel()} of {vocab} tokens, coverage {coverage:.4f} of assistant "
+        self._print(f"draft vocab: {self.vocab.size} of {vocab} tokens, coverage {coverage:.4f} of assistant "
                     f"tokens; aux layers {self.aux_ids} of {cap.num_layers(self.target)}")
         if accelerator.is_main_process:
             out = pathlib.Path(cfg.output_dir)
@@ -321,14 +317,14 @@ class Eagle3Task(TrainTask):
 
             ctx = contextlib.nullcontext()
         with ctx:
-            rows = head_w[self.draft_ids.to(head_w.device)].float().cpu().clone()
+            rows = head_w[self.vocab.target_ids.to(head_w.device)].float().cpu().clone()
             norm = norm_w.float().cpu().clone() if norm_w is not None else None
         return {"lm_head_rows": rows, "norm": norm}
 
     # -- model / data -----------------------------------------------------------------------------------
     def build_draft(self) -> Eagle3DraftModel:
         draft = Eagle3DraftModel(self.head_config)
-        draft.set_draft_vocab(self.d2t, self.t2d)
+        draft.set_draft_vocab(self.vocab)
         if self.init_head is not None:
             draft.load_state_dict(self.init_head.state_dict())
             self._print(f"head initialised from {self.config.init_from}")
@@ -370,17 +366,16 @@ class Eagle3Task(TrainTask):
         """Frozen target (or the cache) -> (features [B, S, 3H_t], token embeddings [B, S, H], teacher targets)."""
         ids, am = batch["input_ids"], batch["attention_mask"]
         rows = ttt.teacher_rows(batch["loss_mask"], am)
-        t2d = self.t2d.to(ids.device)
         row_ids = batch.get("row_id")
         keys = [int(r) for r in row_ids] if (self.cache is not None and row_ids is not None) else None
         if keys is not None and all(k in self.cache for k in keys):
-            return self._from_cache(keys, ids.shape, rows, t2d)
+            return self._from_cache(keys, ids.shape, rows)
         if self.features is not None:
-            return self._from_feature_cache(batch, rows, t2d)
+            return self._from_feature_cache(batch, rows)
         c = cap.capture(self.target, ids, am, layers=self.capture_ids, logits=False, final_hidden=True)
         features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
         embeds = c.hidden_states[0]
-        parts = ttt.teacher_parts(cap.lm_head(self.target)(c.final_hidden[rows]), self.draft_ids.to(ids.device))
+        parts = ttt.teacher_parts(cap.lm_head(self.target)(c.final_hidden[rows]), self.vocab)
         if keys is not None:
             lengths, counts = am.sum(1).tolist(), rows.sum(1).tolist()
             start = 0
@@ -389,9 +384,9 @@ class Eagle3Task(TrainTask):
                 start += counts[b]
                 self.cache[key] = (features[b, :lengths[b]].clone(), embeds[b, :lengths[b]].clone(),
                                    parts.logits_draft[sl].clone(), parts.logsumexp[sl].clone(), parts.top1[sl].clone())
-        return features, embeds, ttt.targets_from_parts(parts, rows, t2d)
+        return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
 
-    def _from_feature_cache(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, t2d: torch.Tensor):
+    def _from_feature_cache(self, batch: dict[str, torch.Tensor], rows: torch.Tensor):
         """Offline: cached aux/final hidden states, the target's embeddings and LM head (teacher rows only)."""
         ids = batch["input_ids"]
         if "row_id" not in batch:
@@ -405,10 +400,10 @@ class Eagle3Task(TrainTask):
             aux[i, :n], final[i, :n] = row["aux_hidden"][:n], row["final_hidden"][:n]
         aux, final = aux.to(ids.device), final.to(ids.device)
         embeds = self.target.get_input_embeddings()(ids)
-        parts = ttt.teacher_parts(cap.lm_head(self.target)(final[rows]), self.draft_ids.to(ids.device))
-        return aux, embeds, ttt.targets_from_parts(parts, rows, t2d)
+        parts = ttt.teacher_parts(cap.lm_head(self.target)(final[rows]), self.vocab)
+        return aux, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
 
-    def _from_cache(self, keys: list[int], shape, rows: torch.Tensor, t2d: torch.Tensor):
+    def _from_cache(self, keys: list[int], shape, rows: torch.Tensor):
         entries = [self.cache[k] for k in keys]
         f0, e0 = entries[0][0], entries[0][1]
         features = f0.new_zeros(*shape, f0.shape[-1])
@@ -417,12 +412,12 @@ class Eagle3Task(TrainTask):
             features[b, : f.shape[0]] = f
             embeds[b, : e.shape[0]] = e
         parts = ttt.TeacherParts(*(torch.cat([ent[i] for ent in entries]) for i in (2, 3, 4)))
-        return features, embeds, ttt.targets_from_parts(parts, rows, t2d)
+        return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
 
     def loss(self, model, batch):
         features, embeds, targets = self.target_pass(batch)
         step_logits = model(features, embeds, targets.rows)
-        return ttt.ttt_loss(step_logits, targets, self.draft_ids.to(targets.rows.device), self.config.step_weight)
+        return ttt.ttt_loss(step_logits, targets, self.vocab, self.config.step_weight)
 
     def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
         out = ttt.derived_metrics(means, self.config.ttt_steps)

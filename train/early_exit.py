@@ -270,16 +270,15 @@ class EarlyExitTask(TrainTask):
         self._train, self._eval = split_rows(rows, cfg.eval_fraction, cfg.seed)
         self.data_stats = stats
 
-        self.d2t = None
+        self.vocab = None
         vocab = int(self.target.config.vocab_size)
         if cfg.draft_vocab_size:
             if cfg.draft_vocab_size > vocab:
                 raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} exceeds the target vocab {vocab}")
             from train import draft_vocab
 
-            self.d2t, _, coverage = draft_vocab.build_draft_vocab(
+            self.vocab, coverage = draft_vocab.build_draft_vocab(
                 self._train, target_vocab_size=vocab, draft_vocab_size=cfg.draft_vocab_size)
-            self.d2t = torch.as_tensor(self.d2t, dtype=torch.long)
             self._print(f"draft vocab: {cfg.draft_vocab_size} of {vocab} tokens, "
                         f"coverage {coverage:.4f} of assistant tokens")
         self.target_checksum = target_checksum(self.target)
@@ -312,8 +311,8 @@ class EarlyExitTask(TrainTask):
             base_model_revision=cfg.target_revision or None, num_attention_heads=cfg.attn_num_heads,
             num_key_value_heads=cfg.attn_num_kv_heads)
         head = EarlyExitHead(hcfg)
-        if self.d2t is not None:
-            head.set_draft_vocab(self.d2t)
+        if self.vocab is not None:
+            head.set_draft_vocab(self.vocab)
         return head.to(self.accelerator.device).attach_target(self.target)
 
     def model(self) -> EarlyExitHeads:
@@ -346,9 +345,7 @@ class EarlyExitTask(TrainTask):
         return [c.hidden_states[layer] for layer in self.layers], sel, target_logits
 
     def _draft_ids(self, device) -> torch.Tensor | None:
-        if self.d2t is None:
-            return None
-        return (self.d2t + torch.arange(self.d2t.numel())).to(device)
+        return None if self.vocab is None else self.vocab.target_ids.to(device)
 
     def _evaluate_lens(self) -> dict[str, float]:
         """Lens metrics over the whole eval set (this rank's shard, reduced over ranks)."""
