@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from hsd.models import capture as cap  # noqa: E402
-from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel  # noqa: E402
-from train import ttt  # noqa: E402
+from hsd.models import capture as cap
+from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
+from train import ttt
 
 PRESETS = {
     # SmolLM2-135M-Instruct's shape (30 layers, GQA 9/3, tied embeddings)
