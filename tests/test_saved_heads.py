@@ -2,12 +2,13 @@
 
 ``tests/fixtures/saved_heads/`` holds a tiny EAGLE-3 head (reduced draft vocabulary, llama3-scaled RoPE)
 and one early-exit head of each trainable type (the ``lowrank`` one with a reduced draft vocabulary),
-written with ``save_pretrained`` by the code of commit 902ece2, together with ``reference.safetensors``:
-the inputs and the outputs that code computed from them (EAGLE-3 prefill, chained steps after a crop,
-the scatter into the target vocabulary and the TTT unroll; early-exit logits, cached ``attn`` steps and
-the processed probability rows). The files were written once by ``tests/fixtures/make_saved_heads.py``
-(``git show <first commit of this file>:tests/fixtures/make_saved_heads.py``) and must never be
-regenerated: they pin the checkpoint format (state-dict keys, ``config.json`` fields) and the numbers.
+written with ``save_pretrained`` by the code of commit 902ece2 (before the heads shared their
+primitives), together with ``reference.safetensors``: the inputs and the outputs that code computed from
+them (EAGLE-3 prefill, chained steps after a crop, the scatter into the target vocabulary and the TTT
+unroll; early-exit logits, cached ``attn`` steps, and the probability rows its since-removed
+``EarlyExitHead.step(..., temperature=T).probs`` returned). They were written once, by the script
+``git show e6e95ce:tests/fixtures/make_saved_heads.py``, and must never be regenerated: they pin the
+checkpoint format (state-dict keys, ``config.json`` fields) and the numbers.
 
 The target is built here from a config with every weight drawn from a seeded generator, so it does
 not depend on how ``transformers`` initialises models.

@@ -54,7 +54,7 @@ from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from train import chat_data, common, draft_vocab, loop, ttt
 from train import distributed as dist_utils
 from train.config import BaseTrainConfig
-from train.feature_cache import FeatureCache
+from train.feature_cache import FeatureCache, collate_features
 
 
 @dataclasses.dataclass
@@ -303,14 +303,9 @@ class Eagle3Task(loop.TrainTask):
         ids = batch["input_ids"]
         if "row_id" not in batch:
             raise ValueError("features=offline batches need row_id (use Eagle3Task.collate)")
-        cached = [self.features[int(r)] for r in batch["row_id"]]
-        b, s = ids.shape
-        aux = torch.zeros(b, s, cached[0]["aux_hidden"].shape[-1], dtype=cached[0]["aux_hidden"].dtype)
-        final = torch.zeros(b, s, cached[0]["final_hidden"].shape[-1], dtype=cached[0]["final_hidden"].dtype)
-        for i, row in enumerate(cached):
-            n = min(s, row["aux_hidden"].shape[0], int(batch["attention_mask"][i].sum()))
-            aux[i, :n], final[i, :n] = row["aux_hidden"][:n], row["final_hidden"][:n]
-        aux, final = aux.to(ids.device), final.to(ids.device)
+        cached = collate_features([self.features[int(r)] for r in batch["row_id"]], self.pad_id)
+        s = ids.shape[1]  # cached rows are whole conversations; the batch holds at most max_length of each
+        aux, final = cached["aux_hidden"][:, :s].to(ids.device), cached["final_hidden"][:, :s].to(ids.device)
         embeds = self.target.get_input_embeddings()(ids)
         parts = ttt.teacher_parts(cap.lm_head(self.target)(final[rows]), self.vocab)
         return aux, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
