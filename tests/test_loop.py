@@ -91,7 +91,7 @@ def test_trains_and_writes_layout(tmp_path):
     # layout: rotation kept the 2 newest checkpoints; best/final/config/metrics; nothing temporary left
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [30, 40]
     for f in ("config.yaml", "metrics.jsonl", "run_info.json", "final/model.pt", "final/config.yaml",
-              "final/on_save.txt", "best/model.pt", "checkpoints/step_40/model/model.pt",
+              "final/on_save.txt", "best/model.pt", "best/on_save.txt", "checkpoints/step_40/model/model.pt",
               "checkpoints/step_40/config.yaml", "checkpoints/step_40/optimizer.pt",
               "checkpoints/step_40/rng_0.pt", "checkpoints/step_40/on_save.txt"):
         assert (out / f).is_file(), f

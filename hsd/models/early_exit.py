@@ -509,10 +509,9 @@ class EarlyExitHead(PreTrainedModel):
             raise RuntimeError("no target attached: call head.attach_target(target) first")
         norm, head = self._borrowed
         x = norm(z.to(head.weight.dtype))
-        vocab = self.draft_vocab
-        if vocab.is_full:
+        if not self.config.draft_vocab_size:
             return head(x)
-        ids = vocab.target_ids
+        ids = self.draft_vocab.target_ids
         bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
         return F.linear(x, head.weight[ids], bias)
 
