@@ -29,6 +29,8 @@ import json
 import random
 from pathlib import Path
 
+from hsd.config import run_main
+
 
 def package_dir(name: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(name)  # locate without importing (some packages import heavy deps)
@@ -142,4 +144,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))
