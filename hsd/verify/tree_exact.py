@@ -279,40 +279,45 @@ def reference_law(draft: TreeDraft, method: str, update: Update | None = None) -
         for i, par in enumerate(shape):
             if par != -2:
                 children[par + 1].append(i + 1)
-        tok, q, p = draft.tokens[sel], draft.q[sel], draft.p[sel]
-        out = torch.zeros(sel.shape[0], n + 1, p.shape[-1], dtype=torch.float64)
-
-        def ratio(row: Tensor, c: int) -> Tensor:
-            x = tok[:, c - 1 : c]
-            px, qx = row.gather(1, x).squeeze(1), q[:, c - 1].gather(1, x).squeeze(1)
-            return torch.where(px > 0, px / qx, torch.zeros_like(px))
-
-        def visit_weighted(slot: int, w: Tensor, scale: Tensor) -> Tensor:
-            row, alive = p[:, slot].clone(), torch.ones_like(w)
-            for c in children[slot]:
-                fail = visit_weighted(c, (w * ratio(row, c)).clamp(max=1.0), scale * alive)
-                alive = alive * fail
-                w, row = update(w, row, q[:, c - 1], tok[:, c - 1])
-            accept = torch.ones_like(w) if slot == 0 else w
-            out[:, slot] += (scale * alive * accept).unsqueeze(1) * row
-            return alive * (1.0 - accept)
-
-        def visit_rrs(slot: int, scale: Tensor) -> None:
-            row, alive = p[:, slot].clone(), torch.ones_like(scale)
-            for c in children[slot]:
-                take = ratio(row, c).clamp(max=1.0)
-                visit_rrs(c, scale * alive * take)
-                alive = alive * (1.0 - take)
-                _, row = update(alive, row, q[:, c - 1], tok[:, c - 1])
-            out[:, slot] += (scale * alive).unsqueeze(1) * row
-
-        ones = torch.ones(sel.shape[0], dtype=torch.float64)
-        if method == "weighted":
-            visit_weighted(0, ones, ones)
-        else:
-            visit_rrs(0, ones)
-        law[sel] = out
+        law[sel] = _shape_law(children, draft.tokens[sel], draft.q[sel], draft.p[sel], method, update)
     return law
+
+
+def _shape_law(children: dict[int, list[int]], tok: Tensor, q: Tensor, p: Tensor, method: str,
+               update: Update) -> Tensor:
+    """reference_law for trees of one shape (children lists by slot), batched over the trees."""
+    out = torch.zeros(tok.shape[0], p.shape[1], p.shape[-1], dtype=torch.float64)
+
+    def ratio(row: Tensor, c: int) -> Tensor:
+        x = tok[:, c - 1 : c]
+        px, qx = row.gather(1, x).squeeze(1), q[:, c - 1].gather(1, x).squeeze(1)
+        return torch.where(px > 0, px / qx, torch.zeros_like(px))
+
+    def visit_weighted(slot: int, w: Tensor, scale: Tensor) -> Tensor:
+        row, alive = p[:, slot].clone(), torch.ones_like(w)
+        for c in children[slot]:
+            fail = visit_weighted(c, (w * ratio(row, c)).clamp(max=1.0), scale * alive)
+            alive = alive * fail
+            w, row = update(w, row, q[:, c - 1], tok[:, c - 1])
+        accept = torch.ones_like(w) if slot == 0 else w
+        out[:, slot] += (scale * alive * accept).unsqueeze(1) * row
+        return alive * (1.0 - accept)
+
+    def visit_rrs(slot: int, scale: Tensor) -> None:
+        row, alive = p[:, slot].clone(), torch.ones_like(scale)
+        for c in children[slot]:
+            take = ratio(row, c).clamp(max=1.0)
+            visit_rrs(c, scale * alive * take)
+            alive = alive * (1.0 - take)
+            _, row = update(torch.ones_like(scale), row, q[:, c - 1], tok[:, c - 1])
+        out[:, slot] += (scale * alive).unsqueeze(1) * row
+
+    ones = torch.ones(tok.shape[0], dtype=torch.float64)
+    if method == "weighted":
+        visit_weighted(0, ones, ones)
+    else:
+        visit_rrs(0, ones)
+    return out
 
 
 def completed_law(inst: TreeInstance, draft: TreeDraft, law: Tensor) -> tuple[Tensor, float]:
