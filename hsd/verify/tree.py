@@ -84,6 +84,12 @@ def structure(parents: Tensor) -> Structure:
     return Structure(parent_slot, real, depth)
 
 
+def with_root(struct: Structure) -> Tensor:
+    """[B, N+1] bool: slots that exist (the root and the real nodes)."""
+    root = torch.ones(struct.real.shape[0], 1, dtype=torch.bool, device=struct.real.device)
+    return torch.cat([root, struct.real], dim=1)
+
+
 class TreeLevels(NamedTuple):
     """Per-node numbers of one verifier on one batch of trees.
 
@@ -393,7 +399,7 @@ def post_order(struct: Structure) -> Tensor:
         free[:, i + 1] = pre[:, i + 1] + 1
     # finished before v: earlier nodes in pre-order that are not its ancestors, and its descendants.
     post = pre - struct.depth + size - 1
-    real = torch.cat([torch.ones_like(struct.real[:, :1]), struct.real], dim=1)
+    real = with_root(struct)
     return torch.where(real, post, n1 + torch.arange(n1, device=post.device))
 
 
@@ -405,7 +411,7 @@ def slot_law(struct: Structure, prob: Tensor, rule: TreeRule) -> Tensor:
     if rule.weighted:
         # The first passing node in post-order; the root passes with probability 1.
         rank = post_order(struct)
-        full = torch.cat([torch.ones_like(prob[:, :1]), prob], dim=1)
+        full = torch.cat([torch.ones(b, 1, dtype=prob.dtype, device=prob.device), prob], dim=1)
         order = rank.argsort(-1)
         sorted_p = full.gather(1, order)
         before = torch.cumprod(torch.cat([torch.ones_like(sorted_p[:, :1]), 1.0 - sorted_p[:, :-1]], 1), 1)
@@ -435,7 +441,7 @@ def tree_decision_law(tokens: Tensor, parents: Tensor, draft_probs: Tensor | Non
     struct = structure(parents)
     levels = tree_levels(tokens, parents, q, p, rule, struct)
     law = slot_law(struct, pass_probabilities(levels, rule).to(p.dtype), rule)
-    slots = torch.cat([torch.ones_like(struct.real[:, :1]), struct.real], dim=1).unsqueeze(-1)
+    slots = with_root(struct).unsqueeze(-1)
     first = levels.fallback[:, :1].expand_as(levels.rows)  # padding slots: never chosen
     rows = normalized(torch.where(slots, levels.rows, first), torch.where(slots, levels.fallback, first))
     return law, torch.where(slots, rows, 0.0)

@@ -90,7 +90,7 @@ def check_tree_inputs(tokens: object, parents: object, draft_probs: object, targ
     vocab = p.shape[-1]
     if vocab == 0:
         raise ValueError(f"{pn}: empty vocabulary (V = 0)")
-    slots = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
+    slots = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=real.device), real], dim=1)
     if logits:
         used = p[slots]
         if bool(torch.isnan(used).any()) or bool((used == float("inf")).any()):
