@@ -14,13 +14,12 @@ class LossyTranscription(Weighted):
 
     name = "lossy-transcription"
 
-    def update_parent(self, w, row, q_row, token, target_row):
-        _, new_row, r = super().update_parent(w, row, q_row, token, target_row)
+    def update_parent(self, w, row, q_row, token):
+        _, r, mass = super().update_parent(w, row, q_row, token)
         qx = torch.ones_like(w) if q_row is None else q_row.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         rest = 1.0 - qx
-        s = r.sum(-1)
-        w_new = torch.where(rest > 1e-12, (s / rest.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(s))
-        return w_new, new_row, r
+        w_new = torch.where(rest > 1e-12, (mass / rest.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(mass))
+        return w_new, r, mass
 
 
 class WeightedNoRenorm(Weighted):
@@ -28,9 +27,9 @@ class WeightedNoRenorm(Weighted):
 
     name = "weighted-no-renormalisation"
 
-    def update_parent(self, w, row, q_row, token, target_row):
-        h, _, r = super().update_parent(w, row, q_row, token, target_row)
-        return h, r, r
+    def update_parent(self, w, row, q_row, token):
+        h, r, _ = super().update_parent(w, row, q_row, token)
+        return h, r, torch.ones_like(h)  # the next sibling sees the residual unnormalised
 
 
 class RRSNoRenorm(RecursiveRejection):
@@ -38,9 +37,9 @@ class RRSNoRenorm(RecursiveRejection):
 
     name = "rrs-no-renormalisation"
 
-    def update_parent(self, w, row, q_row, token, target_row):
-        h, _, r = super().update_parent(w, row, q_row, token, target_row)
-        return h, r, r
+    def update_parent(self, w, row, q_row, token):
+        h, r, _ = super().update_parent(w, row, q_row, token)
+        return h, r, torch.ones_like(h)  # the next sibling sees the residual unnormalised
 
 
 LOSSY_TRANSCRIPTION = LossyTranscription()

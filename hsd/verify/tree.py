@@ -10,8 +10,9 @@ after node i; row 0 after the prefix).
 q rows. ``draft_probs[b, i]`` is the law node i's token was actually drawn from, given its path,
 its earlier siblings and their subtrees: q(.|path) for i.i.d. siblings, q(.|path) with the earlier
 siblings' tokens removed and renormalised for draws without replacement (``without_replacement_rows``
-builds these). ``draft_probs=None`` means every node is a deterministic choice (top-k trees):
-a point mass on its token. docs/tree_verification.md states the contract and the proofs.
+builds these). ``draft_probs=None`` treats every node as a point mass on its token: exact for
+deterministic (top-k) trees, and lossless for any tree, but it accepts fewer tokens than the true
+rows of a sampled tree. docs/tree_verification.md states the contract and the proofs.
 
 Both random methods reduce to per-node numbers computed in one pass in index order: the state of
 a node (weight w, current row P) is updated once per child "as if that child's subtree failed",
@@ -34,11 +35,9 @@ import torch
 from torch import Tensor
 
 from .api import draw_uniforms
-from .common import compute_dtype, inverse_cdf, normalized, residual
-from .tree_validate import check_method, check_tree_inputs
+from .common import RESIDUAL_EPS, compute_dtype, inverse_cdf, normalized, residual
+from .tree_validate import PAD, check_method, check_tree_inputs
 from .validate import check_uniforms
-
-PAD = -2  # parent id of a padding node
 
 
 @dataclass(frozen=True)
@@ -115,12 +114,13 @@ class TreeRule:
     name = "abstract"
     weighted = False  # True: weights carried along paths; a child is taken if its subtree passes
 
-    def update_parent(self, w: Tensor, row: Tensor, q_row: Tensor | None, token: Tensor,
-                      target_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update_parent(self, w: Tensor, row: Tensor, q_row: Tensor | None,
+                      token: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """State of a node after a child drawn from q_row (token) failed.
 
-        w [B] current weight, row [B, V] current normalised row. Returns (new weight [B], new
-        normalised row [B, V], unnormalised residual [B, V] to draw the token from).
+        w [B] current weight, row [B, V] current normalised row. Returns (new weight [B], the
+        unnormalised residual [B, V] (the row a token is drawn from if the node is accepted),
+        its mass [B]); the next child sees residual / mass.
         """
         raise NotImplementedError
 
@@ -134,9 +134,9 @@ class RecursiveRejection(TreeRule):
 
     name = "rrs"
 
-    def update_parent(self, w, row, q_row, token, target_row):
+    def update_parent(self, w, row, q_row, token):
         r = residual(torch.ones_like(w), row, q_row, token, torch.zeros_like(token, dtype=torch.bool))
-        return torch.ones_like(w), normalized(r, target_row), r
+        return torch.ones_like(w), r, r.sum(-1)
 
     def passes(self, levels, coins):
         # Exactly the token-wise test (coin * q <= p, and never for p = 0).
@@ -150,15 +150,16 @@ class Weighted(TreeRule):
     name = "weighted"
     weighted = True
 
-    def update_parent(self, w, row, q_row, token, target_row):
+    def update_parent(self, w, row, q_row, token):
         r = residual(w, row, q_row, token, torch.zeros_like(token, dtype=torch.bool))
+        mass = r.sum(-1)
         if q_row is None:  # point mass on token: the closed form block verification uses
             s = w * (1.0 - row.gather(-1, token.unsqueeze(-1)).squeeze(-1)).clamp_min(0.0)
         else:
-            s = r.sum(-1)
+            s = mass
         den = s + 1.0 - w
         h = torch.where(den > 0, s / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(s))
-        return h.clamp(0.0, 1.0), normalized(r, target_row), r
+        return h.clamp(0.0, 1.0), r, mass
 
     def passes(self, levels, coins):
         return (coins.to(levels.h.dtype) <= levels.h) & (levels.h > 0)
@@ -182,24 +183,27 @@ def tree_levels(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, tar
 
     Weights are kept as (log R, running max M) per slot, w = exp(log R - M), exactly as block
     verification computes them on a chain; a failed child restarts its parent at (log h, 0).
+    Each slot keeps one unnormalised row (its last residual, or its target row) and that row's
+    mass; the row a later child sees is row / mass (the target row where the mass is ~0).
     """
     struct = structure(parents) if struct is None else struct
     b, n = tokens.shape
     dev, dtype = target_probs.device, target_probs.dtype
     rows = torch.arange(b, device=dev)
-    cur = target_probs.clone()  # current normalised row of every slot
-    draw = target_probs.clone()  # row to draw from if the slot is accepted
+    cur = target_probs.clone()
+    mass = torch.ones(b, n + 1, dtype=dtype, device=dev)
     log_r = torch.zeros(b, n + 1, dtype=dtype, device=dev)
     log_m = torch.zeros(b, n + 1, dtype=dtype, device=dev)
     h = torch.zeros(b, n, dtype=dtype, device=dev)
     p_tok = torch.zeros(b, n, dtype=dtype, device=dev)
     q_tok = torch.ones(b, n, dtype=dtype, device=dev)
     safe_tokens = torch.where(struct.real, tokens, torch.zeros_like(tokens))
+    dense = bool(struct.real.all())  # no padding: no masking needed
     for i in range(n):
         real = struct.real[:, i]
         par = struct.parent_slot[:, i].clamp(min=0)
         x = safe_tokens[:, i]
-        row = cur[rows, par]
+        row = current_row(cur, mass, target_probs, rows, par)
         px = row.gather(-1, x.unsqueeze(-1)).squeeze(-1)
         q_row = None if draft_probs is None else draft_probs[:, i]
         qx = torch.ones_like(px) if q_row is None else q_row.gather(-1, x.unsqueeze(-1)).squeeze(-1)
@@ -213,16 +217,29 @@ def tree_levels(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, tar
         else:
             h[:, i] = torch.where(real, (px / qx).clamp(max=1.0), 0.0)
         # The parent's state once this child's subtree has failed.
-        w_par = (lr_par - lm_par).exp()
-        w_new, row_new, r = rule.update_parent(w_par, row, q_row, x, target_probs[rows, par])
-        keep = real.unsqueeze(-1)
-        cur[rows, par] = torch.where(keep, row_new, row)
-        draw[rows, par] = torch.where(keep, r, draw[rows, par])
-        log_r[rows, par] = torch.where(real, w_new.log(), lr_par)
-        log_m[rows, par] = torch.where(real, torch.zeros_like(lm_par), lm_par)
+        w_new, r, r_mass = rule.update_parent((lr_par - lm_par).exp(), row, q_row, x)
+        at = (rows, par) if dense else (rows[real], par[real])
+        if not dense:
+            w_new, r, r_mass = w_new[real], r[real], r_mass[real]
+        cur[at] = r
+        mass[at] = r_mass
+        log_r[at] = w_new.log()
+        log_m[at] = 0.0
     if rule.weighted:
         h = torch.where(struct.real, (log_r[:, 1:] - log_m[:, 1:]).exp(), 0.0)
-    return TreeLevels(h, p_tok, q_tok, draw, target_probs)
+    return TreeLevels(h, p_tok, q_tok, cur, target_probs)
+
+
+def current_row(cur: Tensor, mass: Tensor, target_probs: Tensor, rows: Tensor, par: Tensor) -> Tensor:
+    """[B, V] normalised current row of slot ``par`` of each batch row (exact target row while no
+    child of that slot has failed: its mass is 1)."""
+    m = mass[rows, par]
+    row = cur[rows, par] / m.unsqueeze(-1)
+    empty = m <= RESIDUAL_EPS  # a residual without mass (measure-zero ties): use the target row
+    if bool(empty.any()):
+        target = target_probs[rows, par]
+        row = torch.where(empty.unsqueeze(-1), target / target.sum(-1, keepdim=True), row)
+    return row
 
 
 def first_child_path(struct: Structure, chosen: Tensor) -> Tensor:

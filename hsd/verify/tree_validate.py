@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .validate import TOKEN_DTYPES, check_probs, check_token_range
 
-PAD = -2
+PAD = -2  # parent id of a padding node
 
 
 def check_method(method: object, allowed: tuple[str, ...]) -> None:
