@@ -138,6 +138,46 @@ def _finish(inst: TreeInstance, tokens: Tensor, parents: Tensor, q: Tensor, prob
     return TreeDraft(tokens, parents, q, p, prob, paths, depth, point_mass)
 
 
+class Partial(NamedTuple):
+    """Trees being drawn, one row each: tokens, parents [T, N]; q [T, N, V]; base-V prefix id and
+    depth of every slot [T, N+1]."""
+
+    tokens: Tensor
+    parents: Tensor
+    q: Tensor
+    ids: Tensor
+    depth: Tensor
+
+    @staticmethod
+    def empty(count: int, n: int, vocab: int) -> Partial:
+        return Partial(torch.zeros(count, n, dtype=torch.long), torch.full((count, n), -2, dtype=torch.long),
+                       torch.zeros(count, n, vocab, dtype=torch.float64),
+                       torch.zeros(count, n + 1, dtype=torch.long), torch.zeros(count, n + 1, dtype=torch.long))
+
+    def take(self, index: Tensor) -> Partial:
+        return Partial(*(t[index].clone() for t in self))
+
+    def parent_row(self, inst: TreeInstance, scheme: Scheme, par: int) -> tuple[Tensor, Tensor]:
+        """(grow [T]: the node gets children, base [T, V]: its draft row q(.|path))."""
+        slot = par + 1
+        grow = torch.ones(self.tokens.shape[0], dtype=torch.bool) if par < 0 else self.parents[:, par] != -2
+        if scheme.stop_token is not None and par >= 0:
+            grow &= self.tokens[:, par] != scheme.stop_token
+        d = int(self.depth[grow, slot].max()) if bool(grow.any()) else 0  # one depth per template slot
+        return grow, inst.q[d][self.ids[:, slot]]
+
+    def place(self, par: int, kids: list[int], draws: Tensor, rows: Tensor) -> None:
+        """Write the sibling group of ``par``: draws [T, k] (-1 = no such child), rows [T, k, V]."""
+        slot, v = par + 1, self.q.shape[-1]
+        for j, node in enumerate(kids):
+            real = draws[:, j] >= 0
+            self.tokens[:, node] = torch.where(real, draws[:, j], 0)
+            self.parents[:, node] = torch.where(real, par, -2)
+            self.q[:, node] = torch.where(real.unsqueeze(1), rows[:, j], 0.0)
+            self.ids[:, node + 1] = torch.where(real, self.ids[:, slot] * v + draws[:, j].clamp(min=0), 0)
+            self.depth[:, node + 1] = torch.where(real, self.depth[:, slot] + 1, 0)
+
+
 def enumerate_trees(inst: TreeInstance, scheme: Scheme) -> TreeDraft:
     """Every tree the scheme can draw, with its probability (they sum to 1)."""
     if len(scheme.branching) > inst.depth:
@@ -145,95 +185,59 @@ def enumerate_trees(inst: TreeInstance, scheme: Scheme) -> TreeDraft:
     if scheme.mode not in MODES:
         raise ValueError(f"scheme: mode must be one of {MODES}, got {scheme.mode!r}")
     tmpl_parents, groups = template(scheme.branching)
-    n, v = len(tmpl_parents), inst.vocab
-    tokens = torch.zeros(1, n, dtype=torch.long)
-    parents = torch.full((1, n), -2, dtype=torch.long)
-    q = torch.zeros(1, n, v, dtype=torch.float64)
+    state = Partial.empty(1, len(tmpl_parents), inst.vocab)
     prob = torch.ones(1, dtype=torch.float64)
-    ids = torch.zeros(1, n + 1, dtype=torch.long)  # base-V prefix id per slot
-    depth = torch.zeros(1, n + 1, dtype=torch.long)
     for par, kids in groups:
-        slot = par + 1
-        grow = torch.ones_like(prob, dtype=torch.bool) if par < 0 else parents[:, par] != -2
-        if scheme.stop_token is not None and par >= 0:
-            grow &= tokens[:, par] != scheme.stop_token
-        d = int(depth[grow, slot].max()) if bool(grow.any()) else 0
-        base = inst.q[d][ids[:, slot]]  # [T, V]
-        k = len(kids)
-        if scheme.mode == "top_k":
-            draws, _ = group_outcomes(base, k, "top_k")  # [T, k], one outcome per tree
-            draws = draws.unsqueeze(1)  # [T, 1, k]
-            probs = torch.ones(base.shape[0], 1, dtype=torch.float64)
+        grow, base = state.parent_row(inst, scheme, par)
+        if scheme.mode == "top_k":  # one outcome per tree
+            draws, probs = group_outcomes(base, len(kids), "top_k")[0].unsqueeze(1), torch.ones(base.shape[0], 1)
         else:
-            tup, probs = group_outcomes(base, k, scheme.mode)
-            draws = tup.unsqueeze(0).expand(base.shape[0], -1, -1)
+            outcomes, probs = group_outcomes(base, len(kids), scheme.mode)
+            draws = outcomes.unsqueeze(0).expand(base.shape[0], -1, -1)
         c = draws.shape[1]
-        counts = torch.where(grow, c, 1)
+        counts = torch.where(grow, c, 1)  # a node without children keeps one (empty) outcome
         src = torch.arange(prob.shape[0]).repeat_interleave(counts)
-        within = torch.cat([torch.arange(int(m)) for m in counts])
-        tokens, parents, q, prob = tokens[src].clone(), parents[src].clone(), q[src].clone(), prob[src].clone()
-        ids, depth, base, g = ids[src].clone(), depth[src].clone(), base[src], grow[src]
-        new = draws[src, within.clamp(max=c - 1)]  # [T', k]
-        new = torch.where(g.unsqueeze(1), new, -1)
-        prob = prob * torch.where(g, probs[src, within.clamp(max=c - 1)], 1.0)
-        rows = sibling_rows(base, new, scheme.mode)
-        for j, node in enumerate(kids):
-            real = new[:, j] >= 0
-            tokens[:, node] = torch.where(real, new[:, j], 0)
-            parents[:, node] = torch.where(real, par, -2)
-            q[:, node] = torch.where(real.unsqueeze(1), rows[:, j], 0.0)
-            ids[:, node + 1] = torch.where(real, ids[:, slot] * v + new[:, j].clamp(min=0), 0)
-            depth[:, node + 1] = torch.where(real, depth[:, slot] + 1, 0)
+        within = torch.cat([torch.arange(int(m)) for m in counts]).clamp(max=c - 1)
+        state, base, g = state.take(src), base[src], grow[src]
+        new = torch.where(g.unsqueeze(1), draws[src, within], -1)  # [T', k]
+        prob = prob[src] * torch.where(g, probs[src, within].to(prob.dtype), 1.0)
+        state.place(par, kids, new, sibling_rows(base, new, scheme.mode))
         keep = prob > 0
-        tokens, parents, q, prob, ids, depth = (t[keep] for t in (tokens, parents, q, prob, ids, depth))
-    return _finish(inst, tokens, parents, q, prob, scheme.mode == "top_k")
+        state, prob = state.take(keep), prob[keep]
+    return _finish(inst, state.tokens, state.parents, state.q, prob, scheme.mode == "top_k")
+
+
+def draw_group(base: Tensor, k: int, mode: str, generator: torch.Generator) -> Tensor:
+    """[T, k] sibling tokens drawn from the rows base [T, V] (-1 = no such child, for merged)."""
+    if mode == "top_k":
+        return torch.sort(base, stable=True, dim=-1, descending=True).indices[:, :k]
+    if mode in ("iid", "merged"):
+        draws = torch.multinomial(base, k, replacement=True, generator=generator)
+        if mode == "merged":
+            out = torch.full_like(draws, -1)
+            for r, row in enumerate(draws.tolist()):
+                uniq = list(dict.fromkeys(row))
+                out[r, : len(uniq)] = torch.tensor(uniq)
+            draws = out
+        return draws
+    cur, cols = base.clone(), []
+    for _ in range(k):  # one after the other, without the earlier siblings
+        x = torch.multinomial(cur, 1, generator=generator)
+        cols.append(x)
+        cur = cur.scatter(-1, x, 0.0)
+    return torch.cat(cols, 1)
 
 
 def sample_trees(inst: TreeInstance, scheme: Scheme, count: int, generator: torch.Generator) -> TreeDraft:
     """``count`` trees drawn from the scheme (the real drafting path for Monte Carlo tests)."""
     tmpl_parents, groups = template(scheme.branching)
-    n, v = len(tmpl_parents), inst.vocab
-    tokens = torch.zeros(count, n, dtype=torch.long)
-    parents = torch.full((count, n), -2, dtype=torch.long)
-    q = torch.zeros(count, n, v, dtype=torch.float64)
-    ids = torch.zeros(count, n + 1, dtype=torch.long)
-    depth = torch.zeros(count, n + 1, dtype=torch.long)
+    state = Partial.empty(count, len(tmpl_parents), inst.vocab)
     for par, kids in groups:
-        slot = par + 1
-        grow = torch.ones(count, dtype=torch.bool) if par < 0 else parents[:, par] != -2
-        if scheme.stop_token is not None and par >= 0:
-            grow &= tokens[:, par] != scheme.stop_token
-        d = int(depth[grow, slot].max()) if bool(grow.any()) else 0
-        base = inst.q[d][ids[:, slot]]
-        k = len(kids)
-        if scheme.mode == "top_k":
-            draws = torch.sort(base, stable=True, dim=-1, descending=True).indices[:, :k]
-        elif scheme.mode in ("iid", "merged"):
-            draws = torch.multinomial(base, k, replacement=True, generator=generator)
-            if scheme.mode == "merged":
-                out = torch.full_like(draws, -1)
-                for r, row in enumerate(draws.tolist()):
-                    uniq = list(dict.fromkeys(row))
-                    out[r, : len(uniq)] = torch.tensor(uniq)
-                draws = out
-        else:
-            cur, cols = base.clone(), []
-            for _ in range(k):
-                x = torch.multinomial(cur, 1, generator=generator)
-                cols.append(x)
-                cur = cur.scatter(-1, x, 0.0)
-            draws = torch.cat(cols, 1)
-        draws = torch.where(grow.unsqueeze(1), draws, -1)
-        rows = sibling_rows(base, draws, scheme.mode)
-        for j, node in enumerate(kids):
-            real = draws[:, j] >= 0
-            tokens[:, node] = torch.where(real, draws[:, j], 0)
-            parents[:, node] = torch.where(real, par, -2)
-            q[:, node] = torch.where(real.unsqueeze(1), rows[:, j], 0.0)
-            ids[:, node + 1] = torch.where(real, ids[:, slot] * v + draws[:, j].clamp(min=0), 0)
-            depth[:, node + 1] = torch.where(real, depth[:, slot] + 1, 0)
+        grow, base = state.parent_row(inst, scheme, par)
+        draws = torch.where(grow.unsqueeze(1), draw_group(base, len(kids), scheme.mode, generator), -1)
+        state.place(par, kids, draws, sibling_rows(base, draws, scheme.mode))
     prob = torch.full((count,), 1.0 / count, dtype=torch.float64)
-    return _finish(inst, tokens, parents, q, prob, scheme.mode == "top_k")
+    return _finish(inst, state.tokens, state.parents, state.q, prob, scheme.mode == "top_k")
 
 
 # ---------------------------------------------------------------- reference laws
