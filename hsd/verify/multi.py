@@ -6,8 +6,8 @@ previous chain's normalised residual as the target row there, later rows p, and 
 
 - method="hsd": recursive block verification. The chain's suffix runs HSD (= block verification)
   with weights restarted at w = 1; if it fails after tau more tokens, the residual
-  (w_tau r_{tau+1} - q_{tau+1})_+ becomes the next chain's first target row (research note
-  hsd_algorithm.md §3.2). Lossless because, given a matching prefix, the next chain's suffix is a
+  (w_tau r_{tau+1} - q_{tau+1})_+ becomes the next chain's first target row (docs/verification.md,
+  "Several chains"). Lossless because, given a matching prefix, the next chain's suffix is a
   fresh sample from q and block verification is lossless for any target row.
 - method="tokenwise": recursive rejection sampling, chain by chain (SpecInfer-style).
 
