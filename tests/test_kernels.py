@@ -285,5 +285,7 @@ def test_bad_arguments_raise_value_error():
     for bad_t in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature"):
             verify_triton_logits(tokens, draft, target, bad_t, "hsd", coins, u)
-    with pytest.raises(ValueError, match="target_logits: expected a floating dtype"):
+    with pytest.raises(ValueError, match="target_logits: expected one of"):
         verify_triton_logits(tokens, draft, target.long(), 1.0, "hsd", coins, u)
+    with pytest.raises(ValueError, match="float16 probabilities are refused"):
+        verify_triton(tokens, q.half(), p, "hsd", coins, u)

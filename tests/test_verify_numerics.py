@@ -34,7 +34,7 @@ def closed_form_levels(draft_tokens, draft_probs, target_probs, start=None):
     return Levels(h, log_w, False, p_tok, q_tok, default_start(draft_tokens, start))
 
 
-def q_zero_case(b=64, k=3, v=50, seed=0, dtype=torch.float32):
+def q_zero_case(b=32, k=3, v=50, seed=0, dtype=torch.float32):
     """q(x_1) = 0 on every row (as an fp16 flush would do); on even rows also p_2(x_2) = 0, so that the
     second draft token must never be accepted there."""
     g = torch.Generator().manual_seed(seed)
@@ -67,17 +67,18 @@ def check_no_acceptance_beyond_p(method, backend="torch"):
     return res
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("method", METHODS)
-def test_q_zero_with_validation_off_accepts_nothing_beyond_p(method):
-    res = check_no_acceptance_beyond_p(method)
-    assert 0 < int(res.num_accepted.sum()) < 3 * 64  # both outcomes occur: the case is exercised
+def test_q_zero_with_validation_off_accepts_nothing_beyond_p(method, backend):
+    res = check_no_acceptance_beyond_p(method, backend)
+    assert 0 < int(res.num_accepted.sum()) < 3 * 32  # both outcomes occur: the case is exercised
 
 
 def test_planted_closed_form_fails_the_q_zero_check():
     """The pre-fix builder accepts x_2 without consulting p_2 on most of these rows."""
     tokens, q, p, uniforms, even = q_zero_case()
     res = verify(tokens, q, p, method=closed_form_levels, uniforms=uniforms, validate=False)
-    assert int((res.num_accepted[even] >= 2).sum()) > 16
+    assert int((res.num_accepted[even] >= 2).sum()) > 8
     with pytest.raises(AssertionError, match="accepted a draft token with p = 0"):
         check_no_acceptance_beyond_p(closed_form_levels)
 
@@ -101,7 +102,7 @@ def test_q_zero_exact_law_is_the_limit(method):
 def test_nan_fails_closed(method):
     """A NaN target probability on a draft token (or 0 * inf after an impossible prefix) rejects its level."""
     tokens, q, p, uniforms, _ = q_zero_case(seed=1)
-    rows = torch.arange(64)
+    rows = torch.arange(32)
     p_nan = p.clone()
     p_nan[rows, 1, tokens[:, 1]] = float("nan")
     res = verify(tokens, q, p_nan, method=method, uniforms=uniforms, validate=False)
@@ -112,7 +113,7 @@ def test_nan_fails_closed(method):
     q0[rows, 1, tokens[:, 1]] = 0.0
     lv = api.levels_fn(method)(tokens, q0.float(), p0.float())
     assert not torch.isnan(lv.h).any() and not torch.isnan(lv.log_w).any()
-    res = verify(tokens, q0, p0, method=method, uniforms=(torch.zeros(64, 3), uniforms[1]), validate=False)
+    res = verify(tokens, q0, p0, method=method, uniforms=(torch.zeros(32, 3), uniforms[1]), validate=False)
     assert bool((res.num_accepted == 0).all())
 
 
