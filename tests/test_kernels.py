@@ -53,8 +53,9 @@ def _loop_residual(p_row, q_row, x, w):
 
 
 def loop_reference(tokens, q, p, method, coins, u):
-    """Independent oracle: a row-by-row float64 transcription of research note §2.1 / §2.2 with the
-    uniforms convention of /work/interfaces.md (BV weights by the recursion w_k = min(1, w_{k-1} p/q))."""
+    """Independent oracle: a row-by-row float64 transcription of token-wise verification and block
+    verification (docs/verification.md) with the uniforms convention of hsd.verify (BV weights by the
+    recursion w_k = min(1, w_{k-1} p/q))."""
     b, k = tokens.shape
     p, q = p.double(), None if q is None else q.double()
     n_out, t_out = [], []

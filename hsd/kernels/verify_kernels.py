@@ -253,6 +253,8 @@ def _verify_kernel(tok_ptr, tok_sb,
             else:
                 log_w = _log_weights(p_x, q_x, lanes)
             flags = flags | tl.where(tl.max((in_range & (q_x == 0.0)).to(tl.int32), axis=0) > 0, FLAG_Q_ZERO, 0)
+            nan = valid & ((p_x != p_x) | (q_x != q_x))
+            flags = flags | tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, FLAG_NAN, 0)
             if PHILOX:
                 seed = tl.load(seed_ptr + b)
                 step = tl.load(step_ptr + b)
@@ -282,7 +284,7 @@ def _verify_kernel(tok_ptr, tok_sb,
                 den = s + 1.0 - w
                 # den <= 0 only when w = 1 and p = q (h = 1); a NaN fails closed (h = 0)
                 h = tl.where(den > 0, s / tl.where(den > 0, den, 1.0), tl.where(den <= 0, 1.0, 0.0))
-                flags = flags | tl.where(tl.max((inner & (h != h)).to(tl.int32), axis=0) > 0, FLAG_NAN, 0)
+                flags = flags | tl.where(tl.max((inner & (den != den)).to(tl.int32), axis=0) > 0, FLAG_NAN, 0)
                 h = tl.where(h == h, tl.minimum(tl.maximum(h, 0.0), 1.0), 0.0)
                 h = tl.where(lanes == kb - 1, w, h)  # capped final test h_K = w_K
                 success = valid & (coin <= h) & (h > 0)
