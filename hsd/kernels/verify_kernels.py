@@ -261,8 +261,9 @@ def _verify_kernel(tok_ptr, tok_sb,
                 zero = (lanes * 0).to(tl.uint32)
                 lo = zero + (step & 0xFFFFFFFF).to(tl.uint32)
                 hi = zero + ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
-                c_coin, _, _, _ = tl.philox(seed, lanes.to(tl.uint32), lo, zero, hi)
-                c_u, _, _, _ = tl.philox(seed, zero, lo, zero + 1, hi)
+                # one Philox block per lane, counter (lane, step_lo, 0, step_hi), key = seed: word 0 is the
+                # coin of level lane + 1, word 1 of lane 0 is u
+                c_coin, c_u, _, _ = tl.philox(seed, lanes.to(tl.uint32), lo, zero, hi)
                 coin = tl.uint_to_uniform_float(c_coin)
                 u = _lane(tl.uint_to_uniform_float(c_u), lanes, 0)
             else:

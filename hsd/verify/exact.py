@@ -130,7 +130,7 @@ def success_patterns(k: int) -> Tensor:
 
 def sampler_decision_law(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
                          method: str | LevelsFn = "hsd", *, backend: str = "torch", margin: float = 1e-9,
-                         run=None) -> Tensor:
+                         run=None, both_ends: bool = True) -> Tensor:
     """Exact joint law [B, K+1, V] of (num_accepted, next_token) of the sampler for fixed drafts.
 
     The sampler is ``verify(..., backend=backend, uniforms=...)`` (or ``run(tokens, q, p, coins, u)
@@ -138,8 +138,9 @@ def sampler_decision_law(draft_tokens: Tensor, draft_probs: Tensor | None, targe
     each threshold h_k (h from the torch ``Levels`` in float64), u at both ends of every inverse-CDF
     interval of the row the torch sampler functions choose (shrunk by ``margin`` of its length); an
     interval whose two ends give different outcomes raises AssertionError (the sampler's boundaries
-    are not where its own rows put them). Use float64 inputs; margin 1e-9 for the float64 torch
-    sampler, ~1e-4 for float32 kernels.
+    are not where its own rows put them). both_ends=False runs the interval midpoints only (half the
+    runs, for slow samplers). Use float64 inputs; margin 1e-9 for the float64 torch sampler, ~1e-4
+    for float32 kernels.
     """
     if run is None:
         def run(tok, q, p, coins, u):
@@ -168,11 +169,15 @@ def sampler_decision_law(draft_tokens: Tensor, draft_probs: Tensor | None, targe
     e_idx, tok_idx = (r > 0).nonzero(as_tuple=True)  # one interval per positive-mass token
     lo, hi = lo[e_idx, tok_idx], hi[e_idx, tok_idx]
     width = hi - lo
-    ends = torch.stack([lo + margin * width, hi - margin * width], dim=1).clamp(0.0, 1.0 - 2.0**-53)
-    sel = e_idx.repeat_interleave(2)
+    if both_ends:
+        ends = torch.stack([lo + margin * width, hi - margin * width], dim=1)
+    else:
+        ends = ((lo + hi) / 2).unsqueeze(1)
+    ends = ends.clamp(0.0, 1.0 - 2.0**-53)
+    sel = e_idx.repeat_interleave(ends.shape[1])
     n, token = run(tok_e[sel], None if q_e is None else q_e[sel], p_e[sel], coins[sel], ends.reshape(-1))
-    n, token = n.view(-1, 2), token.view(-1, 2)
-    bad = (n[:, 0] != n[:, 1]) | (token[:, 0] != token[:, 1])
+    n, token = n.view(-1, ends.shape[1]), token.view(-1, ends.shape[1])
+    bad = ((n != n[:, :1]) | (token != token[:, :1])).any(-1)
     assert not bool(bad.any()), (f"sampler output changes inside {int(bad.sum())} inverse-CDF intervals "
                                  "(its token boundaries are not those of its own residual rows)")
     law = torch.zeros(b * (k + 1) * v, dtype=p.dtype, device=p.device)
@@ -182,7 +187,8 @@ def sampler_decision_law(draft_tokens: Tensor, draft_probs: Tensor | None, targe
 
 
 def single_chain_law(inst: TreeInstance, method: str | LevelsFn, *, sampler: bool = False,
-                     backend: str = "torch", margin: float = 1e-9, run=None) -> tuple[Tensor, float]:
+                     backend: str = "torch", margin: float = 1e-9, run=None,
+                     both_ends: bool = True) -> tuple[Tensor, float]:
     """(completed output law [V^(K+1)], E[num_accepted]) of verify with drafts sampled from q.
 
     sampler=False: from the law functions (``decision_law``); sampler=True: from the sampling code
@@ -193,7 +199,8 @@ def single_chain_law(inst: TreeInstance, method: str | LevelsFn, *, sampler: boo
     q, p = chain_rows(inst, tokens)
     weight = draft_prob(inst, tokens)
     if sampler:
-        joint = sampler_decision_law(tokens, q, p, method, backend=backend, margin=margin, run=run)
+        joint = sampler_decision_law(tokens, q, p, method, backend=backend, margin=margin, run=run,
+                                     both_ends=both_ends)
         tau_law, rows = joint.sum(-1), joint
     else:
         tau_law, rows = decision_law(tokens, q, p, method)

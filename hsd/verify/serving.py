@@ -25,7 +25,8 @@ What a call takes (B <= max_batch requests, K <= max_draft draft positions):
 - ``temperature`` [B] float32: 0 marks a greedy request (accept while the draft token is the target
   argmax; next token = the argmax); in probs mode only that 0 matters.
 - randomness: ``seeds`` [B] int64 and ``steps`` [B] int64 (Philox4x32-10 keyed by the seed, counter =
-  (lane, step); deterministic per request whatever the batch; ``philox_uniforms`` reproduces it), or
+  (lane, step); deterministic per request whatever the batch; ``philox_uniforms`` reproduces it: use a
+  new step for every verification of a request, e.g. its number of generated tokens), or
   explicit ``uniforms`` = (coins [B, K], u [B]) (tests, replays).
 
 No call reads tensor values on the host, copies inputs or allocates (outputs are views of the plan's
@@ -104,18 +105,16 @@ def _uniform(x: Tensor) -> Tensor:
 
 
 def philox_uniforms(seeds: Tensor, steps: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The uniforms the kernel draws for requests with ``seeds`` [B] and ``steps`` [B] (int64):
-    coins [B, k] (coin i: counter (i, step_lo, 0, step_hi)) and u [B] (counter (0, step_lo, 1,
-    step_hi)), key (seed_lo, seed_hi)."""
+    """The uniforms the kernel draws for requests with ``seeds`` [B] and ``steps`` [B] (int64): one
+    Philox4x32-10 block per lane i with counter (i, step_lo, 0, step_hi) and key (seed_lo, seed_hi);
+    coin i (level i + 1) is word 0 of block i, u is word 1 of block 0. Returns coins [B, k], u [B]."""
     seeds, steps = seeds.long(), steps.long()
     k0, k1 = (seeds & _M32).unsqueeze(1), ((seeds >> 32) & _M32).unsqueeze(1)
     lo, hi = (steps & _M32).unsqueeze(1), ((steps >> 32) & _M32).unsqueeze(1)
-    lanes = torch.arange(k + 1, device=seeds.device).unsqueeze(0).expand(seeds.shape[0], k + 1)
-    kind = (lanes == k).long()  # the last column is u: lane 0, c2 = 1
-    c0 = torch.where(lanes == k, 0, lanes)
-    out, _, _, _ = philox4x32(c0, lo.expand_as(c0), kind, hi.expand_as(c0), k0.expand_as(c0), k1.expand_as(c0))
-    uniforms = _uniform(out)
-    return uniforms[:, :k].contiguous(), uniforms[:, k].contiguous()
+    c0 = torch.arange(max(k, 1), device=seeds.device).unsqueeze(0).expand(seeds.shape[0], max(k, 1))
+    w0, w1, _, _ = philox4x32(c0, lo.expand_as(c0), torch.zeros_like(c0), hi.expand_as(c0), k0.expand_as(c0),
+                              k1.expand_as(c0))
+    return _uniform(w0[:, :k]).contiguous(), _uniform(w1[:, 0]).contiguous()
 
 
 # ---------------------------------------------------------------- producer-side helpers
