@@ -32,6 +32,8 @@ MIN_PROGRAMS = 2048
 # NB (a larger block is used when V / block_v would exceed it).
 MAX_BLOCKS = 256
 MAX_DRAFT = 31  # K_POW2 <= 32
+DRAW_CHUNK = 512  # the deciding program re-reads its one block in chunks of this size (registers)
+TILE_CHUNK = 64  # ... and reads the [K_POW2, NB] block partials in chunks of this many columns
 PROB_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # float16 probabilities: refused
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -93,7 +95,9 @@ class Workspace:
         if max_draft > MAX_DRAFT:
             raise ValueError(f"max_draft: at most {MAX_DRAFT} draft tokens per request, got {max_draft}")
         bv, nb = block_config(max(max_batch, 1), max_draft, vocab, device, block_v)
-        ws = cls(max_batch, max_draft, vocab, device, bv, nb, num_warps or (8 if bv >= 2048 else 4))
+        # 8 warps from 1024-blocks on: the deciding program's [NB]-vectors spread over 256 threads (at 4
+        # warps and NB_POW2 >= 128 it needs ~120 registers, which the whole streaming kernel would pay)
+        ws = cls(max_batch, max_draft, vocab, device, bv, nb, num_warps or (8 if bv >= 1024 else 4))
         rows = max(max_batch, 1) * (max_draft + 1)
         f32 = dict(dtype=torch.float32, device=device)
         ws.buffers = {
@@ -214,7 +218,9 @@ def verify_launches(ws: Workspace, *, method: int, tokens: Tensor, target: Rows,
             n_out, next_out, emit_out, flag_out,
             b0, v, ws.nb, k), dict(
             METHOD=method, HAS_Q=has_q, LOGITS=logits, DRAFT_VOCAB=t2d is not None, PHILOX=philox,
-            BLOCK_V=ws.block_v, K_POW2=ws.k_pow2, NB_POW2=ws.nb_pow2, num_warps=ws.num_warps)))
+            BLOCK_V=ws.block_v, K_POW2=ws.k_pow2, NB_POW2=ws.nb_pow2, DRAW=min(ws.block_v, DRAW_CHUNK),
+            TILE=min(ws.nb_pow2, TILE_CHUNK),
+            num_warps=ws.num_warps)))
     return launches
 
 
@@ -296,7 +302,7 @@ def verify_triton(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs
     [B] int64, next_token [B] int64). Values are not checked (no host sync): bad values fail closed
     (docs/verification.md). block_v: vocabulary block (a power of two >= 16; None: 4096, 2048 or 1024
     by grid size, see choose_block_v); num_warps: warps of the fused kernel (default 8 for blocks
-    >= 2048). Results depend on the block only through float32 summation order.
+    >= 1024). Results depend on the block only through float32 summation order.
     """
     return _one_shot(draft_tokens, draft_probs, target_probs, method, coins, u, None, block_v, num_warps)
 

@@ -150,7 +150,8 @@ def _verify_kernel(tok_ptr, tok_sb,
                    b0, V, NB, K_MAX,
                    METHOD: tl.constexpr, HAS_Q: tl.constexpr, LOGITS: tl.constexpr,
                    DRAFT_VOCAB: tl.constexpr, PHILOX: tl.constexpr,
-                   BLOCK_V: tl.constexpr, K_POW2: tl.constexpr, NB_POW2: tl.constexpr):
+                   BLOCK_V: tl.constexpr, K_POW2: tl.constexpr, NB_POW2: tl.constexpr,
+                   DRAW: tl.constexpr, TILE: tl.constexpr):
     """One fused verification launch (see the module docstring). K_POW2 >= K_MAX + 1.
 
     Rows: element offset of target row j of request b = p_rows[b] * p_sk + b * p_sb + j * p_sk (dense
@@ -229,17 +230,23 @@ def _verify_kernel(tok_ptr, tok_sb,
     arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu")
     if arrived == (K_MAX + 1) * NB - 1:
         tl.store(count_ptr + b, 0)  # self-reset: all programs of b have arrived
-        nbi = tl.arange(0, NB_POW2)
-        nb_ok = nbi < NB
         row0 = b * (K_MAX + 1)
         flags = tl.where(tl.max((valid & (tok >= V)).to(tl.int32), axis=0) > 0, FLAG_TOKEN_RANGE, 0)
+        # The [K_POW2, NB] tiles of block partials are read in chunks of TILE columns (registers).
         if greedy:
-            tile = (row0 + lanes)[:, None] * NB + nbi[None, :]
-            tmask = (lanes <= kb)[:, None] & nb_ok[None, :]
-            t_max = tl.load(part_p_ptr + tile, mask=tmask, other=float("-inf"), cache_modifier=".cg")
-            t_arg = tl.load(part_i_ptr + tile, mask=tmask, other=V, cache_modifier=".cg")
-            row_max = tl.max(t_max, axis=1)
-            arg = tl.min(tl.where(t_max == row_max[:, None], t_arg, V), axis=1).to(tl.int64)
+            row_max = tl.full([K_POW2], float("-inf"), tl.float32)
+            arg = tl.full([K_POW2], V, tl.int32)
+            for n0 in range(0, NB_POW2, TILE):
+                cols = n0 + tl.arange(0, TILE)
+                tile = (row0 + lanes)[:, None] * NB + cols[None, :]
+                tmask = (lanes <= kb)[:, None] & (cols < NB)[None, :]
+                t_max = tl.load(part_p_ptr + tile, mask=tmask, other=float("-inf"), cache_modifier=".cg")
+                t_arg = tl.load(part_i_ptr + tile, mask=tmask, other=V, cache_modifier=".cg")
+                c_max = tl.max(t_max, axis=1)
+                c_arg = tl.min(tl.where(t_max == c_max[:, None], t_arg, V), axis=1)
+                arg = tl.where(c_max > row_max, c_arg, arg)  # ties keep the earlier (lower) id
+                row_max = tl.maximum(row_max, c_max)
+            arg = arg.to(tl.int64)
             tau = tl.min(tl.where(valid & (x != arg), lanes, kb), axis=0)
             token = _lane(arg, lanes, tau)
             flags = flags | tl.where(token < V, 0, FLAG_NAN)  # only a NaN row has no argmax
@@ -277,9 +284,12 @@ def _verify_kernel(tok_ptr, tok_sb,
                 w = tl.exp(_shift(log_w, lanes))
                 inner = lanes + 1 < kb
                 if HAS_Q:
-                    tile = (row0 + lanes + 1)[:, None] * NB + nbi[None, :]
-                    s = tl.sum(tl.load(part_r_ptr + tile, mask=inner[:, None] & nb_ok[None, :], other=0.0,
-                                       cache_modifier=".cg"), axis=1)
+                    s = tl.zeros([K_POW2], dtype=tl.float32)
+                    for n0 in range(0, NB_POW2, TILE):
+                        cols = n0 + tl.arange(0, TILE)
+                        tile = (row0 + lanes + 1)[:, None] * NB + cols[None, :]
+                        s += tl.sum(tl.load(part_r_ptr + tile, mask=inner[:, None] & (cols < NB)[None, :], other=0.0,
+                                            cache_modifier=".cg"), axis=1)
                 else:  # point-mass drafts: S_k = w_k (1 - p_{k+1}(x_{k+1})) in closed form
                     s = w * tl.maximum(1.0 - _shift(p_x, lanes), 0.0)
                 den = s + 1.0 - w
@@ -293,7 +303,7 @@ def _verify_kernel(tok_ptr, tok_sb,
             token, empty = _draw(p_ptr + p_base, p_sk, q_ptr + q_base, q_sk, t2d_ptr, part_p_ptr, part_r_ptr,
                                  row0, tau, kb, _lane(x, lanes, tau), tl.exp(_lane(log_w, lanes, tau)), u, NB,
                                  V, scale, lse_p_ptr, thr_p_ptr, lse_q_ptr, thr_q_ptr, b * K_MAX,
-                                 HAS_Q, LOGITS, DRAFT_VOCAB, BLOCK_V, NB_POW2)
+                                 HAS_Q, LOGITS, DRAFT_VOCAB, BLOCK_V, NB_POW2, DRAW)
             token = token.to(tl.int64)
             flags = flags | tl.where(empty, FLAG_EMPTY_RESIDUAL, 0)
         tl.store(n_ptr + b, tau.to(tl.int64))
@@ -307,7 +317,7 @@ def _verify_kernel(tok_ptr, tok_sb,
 def _draw(p_row0, p_sk, q_row0, q_sk, t2d_ptr, part_p_ptr, part_r_ptr, row0, tau, kb, x_tau, w_tau, u,
           NB, V, scale, lse_p_ptr, thr_p_ptr, lse_q_ptr, thr_q_ptr, side_q0,
           HAS_Q: tl.constexpr, LOGITS: tl.constexpr, DRAFT_VOCAB: tl.constexpr,
-          BLOCK_V: tl.constexpr, NB_POW2: tl.constexpr):
+          BLOCK_V: tl.constexpr, NB_POW2: tl.constexpr, DRAW: tl.constexpr):
     """Next token: min{v : cumsum(r)[v] > u * sum(r)} over the row r of tau (its residual, or the bonus
     row p when tau = K_b, or p when the residual has no mass), restricted to r > 0. The block comes from
     the cumulative block sums, then only that block is read again. Returns (token, empty residual)."""
@@ -329,8 +339,6 @@ def _draw(p_row0, p_sk, q_row0, q_sk, t2d_ptr, part_p_ptr, part_r_ptr, row0, tau
     blk = tl.min(tl.where(nb_ok & (cum > thr), nbi, NB), axis=0)
     blk = tl.minimum(blk, tl.max(tl.where(nb_ok & (part > 0), nbi, 0), axis=0))
     before = tl.sum(tl.where(nbi == blk - 1, cum, 0.0), axis=0)
-    offs = blk * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_v = offs < V
     lse2 = 0.0
     thr_v = 0.0
     lse2_q = 0.0
@@ -342,19 +350,30 @@ def _draw(p_row0, p_sk, q_row0, q_sk, t2d_ptr, part_p_ptr, part_r_ptr, row0, tau
             tq = tl.maximum(tl.minimum(tau, kb - 1), 0)  # in bounds; unused when tau = K_b
             lse2_q = tl.load(lse_q_ptr + side_q0 + tq) * LOG2E
             thr_q = tl.load(thr_q_ptr + side_q0 + tq)
-    p = _probs(p_row0 + tau * p_sk, offs, in_v, scale, lse2, thr_v, LOGITS)
-    if HAS_Q:
-        q = _draft_probs(q_row0 + tau * q_sk, offs, offs < tl.where(use_p, 0, V), t2d_ptr, scale, lse2_q, thr_q, LOGITS,
-                         DRAFT_VOCAB)
-        r = tl.maximum(w_tau * p - q, 0.0)
-    else:
-        r = tl.where(offs == x_tau, 0.0, w_tau * p)
-    r = tl.where(use_p, p, r)
-    c = before + tl.cumsum(r, axis=0)
-    positive = in_v & (r > 0)
-    cand = tl.min(tl.where(positive & (c > thr), offs, V), axis=0)
-    last_pos = tl.max(tl.where(positive, offs, -1), axis=0)
-    token = tl.where(cand < V, cand, tl.maximum(last_pos, 0))
+    # The block is scanned in chunks of DRAW so that this once-per-request step does not raise the
+    # register count of the whole (streaming) kernel; the cumulative mass is carried across chunks,
+    # so the first chunk with a candidate holds the token.
+    token = tl.full([], V, tl.int32)
+    last_pos = tl.full([], -1, tl.int32)
+    mass = before
+    q_len = tl.where(use_p, 0, V)
+    for c0 in range(0, BLOCK_V, DRAW):
+        offs = blk * BLOCK_V + c0 + tl.arange(0, DRAW)
+        in_v = offs < V
+        p = _probs(p_row0 + tau * p_sk, offs, in_v, scale, lse2, thr_v, LOGITS)
+        if HAS_Q:
+            q = _draft_probs(q_row0 + tau * q_sk, offs, offs < q_len, t2d_ptr, scale, lse2_q, thr_q, LOGITS,
+                             DRAFT_VOCAB)
+            r = tl.maximum(w_tau * p - q, 0.0)
+        else:
+            r = tl.where(offs == x_tau, 0.0, w_tau * p)
+        r = tl.where(use_p, p, r)
+        c = mass + tl.cumsum(r, axis=0)
+        positive = in_v & (r > 0)
+        token = tl.minimum(token, tl.min(tl.where(positive & (c > thr), offs, V), axis=0))
+        last_pos = tl.maximum(last_pos, tl.max(tl.where(positive, offs, -1), axis=0))
+        mass = mass + tl.sum(r, axis=0)
+    token = tl.where(token < V, token, tl.maximum(last_pos, 0))
     return token, empty
 
 
