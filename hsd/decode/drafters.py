@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .cpu import relayout_linears
 from .draft import Draft
 from .sampling import SamplingParams, process, sample
 from .target import KVState, TargetRunner
@@ -106,8 +107,8 @@ class ModelDrafter:
     name = "model"
     feature_layers: tuple[int, ...] = ()
 
-    def __init__(self, model: nn.Module, vocab_size: int, capacity: int = 4096):
-        self.runner = TargetRunner(model)
+    def __init__(self, model: nn.Module, vocab_size: int, capacity: int = 4096, cpu_kernels: bool = True):
+        self.runner = TargetRunner(model, cpu_kernels=cpu_kernels)
         self.vocab_size = int(vocab_size)
         self.capacity = capacity
         self.state: KVState | None = None
@@ -220,8 +221,10 @@ class Eagle3Drafter:
 
     name = "eagle3"
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, cpu_kernels: bool = True):
         self.head = head.eval()
+        if cpu_kernels:
+            relayout_linears(head)  # same values; MKL's small-M path (see hsd.decode.cpu)
         ids = list(head.config.aux_layer_ids)
         if len(ids) != 3:
             raise ValueError(f"EAGLE-3 head: expected 3 aux layer ids, got {ids}")

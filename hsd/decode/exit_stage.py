@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from hsd.models.early_exit import check_exit_layer
 
+from .cpu import relayout_linears
 from .drafters import head_logits_to_target
 from .sampling import process
 from .verifier import verify_chain
@@ -52,8 +53,10 @@ def window_proposal(p_l_rows: Tensor, draft_q_rows: Tensor | None) -> Tensor:
 class ExitStage:
     """Wraps an :class:`~hsd.models.early_exit.EarlyExitHead` attached to the target."""
 
-    def __init__(self, head: nn.Module, num_target_layers: int):
+    def __init__(self, head: nn.Module, num_target_layers: int, cpu_kernels: bool = True):
         self.head = head.eval()
+        if cpu_kernels:
+            relayout_linears(head)  # the body's linears; the LM head is the target's (see hsd.decode.cpu)
         self.layer = check_exit_layer(int(head.config.exit_layer), num_target_layers)
         self.stateful = head.config.head_type == "attn"
         self.reset()

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from hsd.models import capture as cap
 
+from .cpu import PackedLinear, relayout_linears
+
 
 class KVState:
     """Static per-layer KV buffers [B, n_kv, capacity, d] and one committed length per layer.
@@ -140,11 +142,12 @@ class TargetRunner:
     """A frozen Hugging Face causal LM run pass by pass over a :class:`KVState` (batch rows share lengths).
 
     ``run(tokens or hidden, start, end, ...)`` runs layers ``[start, end)``; ``new_state`` reserves the
-    cache. The runner never changes the model: it calls the model's own embedding, decoder layers, final
-    norm, rotary embedding and LM head.
+    cache. It calls the model's own embedding, decoder layers, final norm and rotary embedding.
+    ``cpu_kernels`` (float32 on the CPU only): store the linear weights transposed in place (same values,
+    see :mod:`hsd.decode.cpu`) and compute the LM head with a oneDNN pre-packed copy.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cpu_kernels: bool = True):
         self.model = model
         base = cap.base_model(model)
         self.embed = base.embed_tokens
@@ -168,6 +171,11 @@ class TargetRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5 vs 4
         w = self.lm_head.weight
         self.dtype, self.device = w.dtype, w.device
+        self.cpu_kernels = bool(cpu_kernels and w.device.type == "cpu" and w.dtype == torch.float32)
+        self._head = None
+        if self.cpu_kernels:
+            relayout_linears(model)
+            self._head = PackedLinear(self.lm_head.weight, getattr(self.lm_head, "bias", None))
 
     @staticmethod
     def _check_attention(cfg) -> None:
@@ -184,7 +192,8 @@ class TargetRunner:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Pre-norm last-layer hidden [..., H] -> float32 logits [..., V] (final norm + LM head)."""
-        return self.lm_head(self.norm(hidden)).float()
+        x = self.norm(hidden)
+        return (self._head(x) if self._head is not None else self.lm_head(x)).float()
 
     @torch.no_grad()
     def run(self, state: KVState, *, tokens: Tensor | None = None, hidden: Tensor | None = None,
