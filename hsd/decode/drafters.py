@@ -177,10 +177,15 @@ def truncated_copy(model: nn.Module, num_layers: int) -> nn.Module:
                          f"got {num_layers}")
     import copy
 
-    small = copy.copy(model)  # shallow: shares every submodule and parameter
-    small._modules = dict(model._modules)
-    base = copy.copy(cap.base_model(model))
-    base._modules = dict(cap.base_model(model)._modules)
+    def shallow(m: nn.Module) -> nn.Module:  # shares submodules and parameters, not hooks
+        c = copy.copy(m)
+        for name, value in vars(m).items():
+            if isinstance(value, dict):
+                setattr(c, name, copy.copy(value))
+        return c
+
+    small = shallow(model)
+    base = shallow(cap.base_model(model))
     base.layers = nn.ModuleList(list(cap.decoder_layers(model))[:num_layers])
     small.model = base
     cfg = copy.deepcopy(model.config)
@@ -188,6 +193,8 @@ def truncated_copy(model: nn.Module, num_layers: int) -> nn.Module:
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = cfg.layer_types[:num_layers]
     small.config = base.config = cfg
+    if getattr(model, "generation_config", None) is not None:
+        small.generation_config = copy.deepcopy(model.generation_config)
     return small
 
 

@@ -91,13 +91,14 @@ class SpeculativeDecoder:
     """target (a Hugging Face causal LM) + drafter + optional exit stage + :class:`DecodeConfig`.
 
     ``generate(input_ids)`` decodes one prompt [1, S]. The same object can be reused across prompts and
-    configs (``generate(..., config=...)``); nothing in it changes the target.
+    configs (``generate(..., config=...)``). The target's values are never changed; with ``cpu_kernels``
+    (float32 on the CPU) its linear weights are stored transposed in place (:mod:`hsd.decode.cpu`).
     """
 
     def __init__(self, target: nn.Module, drafter: Drafter | None = None, exit_stage: ExitStage | None = None,
-                 config: DecodeConfig | None = None):
+                 config: DecodeConfig | None = None, cpu_kernels: bool = True):
         self.target = target
-        self.runner = TargetRunner(target)
+        self.runner = TargetRunner(target, cpu_kernels=cpu_kernels)
         self.drafter = drafter if drafter is not None else NoDrafter()
         self.exit_stage = exit_stage
         self.config = config or DecodeConfig()
@@ -195,6 +196,7 @@ class SpeculativeDecoder:
         sync()
         stats.wall = run.clock() - t0
         stats.new_tokens = len(new)
+        stats.target_calls = len(stats.rounds)
         new_t = torch.tensor([new], dtype=torch.long, device=dev)
         return DecodeResult(tokens=torch.cat([input_ids, new_t], dim=1), new_tokens=new_t, stats=stats)
 

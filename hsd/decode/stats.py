@@ -45,11 +45,14 @@ class DecodeStats:
     times: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     passes: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     draft_steps: int = 0
+    target_calls: int = 0  # target verification passes (prefill excluded) = len(rounds) for the engine
+    prefills: int = 1  # tokens that came from a prefill (one per turn), not from a verification
     stopped: str = ""  # "eos" | "length"
 
     @property
     def tau(self) -> float:
-        return sum(r.emitted for r in self.rounds) / max(1, len(self.rounds))
+        """Tokens per target verification pass (the prefill's token is not counted)."""
+        return max(0, self.new_tokens - self.prefills) / max(1, self.target_calls)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,8 +86,10 @@ def summarize(records: list[DecodeStats]) -> dict[str, Any]:
     rounds = [r for s in records for r in s.rounds]
     k_max = max([r.drafted for r in rounds] + [0])
     out: dict[str, Any] = {"prompts": len(records)}
-    out["tau"] = sum(r.emitted for r in rounds) / max(1, len(rounds))
-    out["tau_macro"] = mean(s.tau for s in records if s.rounds) if any(s.rounds for s in records) else 0.0
+    calls = sum(s.target_calls for s in records)
+    out["tau"] = sum(max(0, s.new_tokens - s.prefills) for s in records) / calls if calls else 1.0
+    out["tau_macro"] = mean(s.tau for s in records if s.target_calls) if calls else 1.0
+    out["target_calls"] = calls
     out.update(_rates([(r.drafted, r.accepted) for r in rounds], k_max))
     st1 = [p for r in rounds for p in r.stage1]
     if st1:
@@ -100,7 +105,7 @@ def summarize(records: list[DecodeStats]) -> dict[str, Any]:
     out["tokens_per_s"] = new / wall if wall else 0.0
     out["tokens_per_s_macro"] = mean(s.new_tokens / s.wall for s in records if s.wall) if records else 0.0
     out["ttft_ms"] = 1e3 * mean(s.ttft for s in records) if records else 0.0
-    decode_tokens = sum(max(0, s.new_tokens - 1) for s in records)
+    decode_tokens = sum(max(0, s.new_tokens - s.prefills) for s in records)
     out["tpot_ms"] = 1e3 * sum(s.wall - s.ttft for s in records) / decode_tokens if decode_tokens else 0.0
     times: dict[str, float] = defaultdict(float)
     for s in records:
