@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from .prompts import DEFAULT_PROMPT_FILES, load_prompts
     from .report import plot_all, print_table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     if args.threads:
         torch.set_num_threads(args.threads)
     for b in args.backend:

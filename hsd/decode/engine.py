@@ -137,8 +137,14 @@ class SpeculativeDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, *, config: DecodeConfig | None = None,
-                 generator: torch.Generator | None = None, seed: int | None = None) -> DecodeResult:
-        """Decode one prompt ``input_ids`` [1, S] (token ids of the rendered prompt)."""
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 max_rounds: int | None = None, callback: Callable[[_Run], None] | None = None) -> DecodeResult:
+        """Decode one prompt ``input_ids`` [1, S] (token ids of the rendered prompt).
+
+        generator / seed: the randomness of drafts, verification and sampling (T > 0). max_rounds: stop
+        after this many verification rounds (profiling, tests). callback(run): called after each committed
+        round with the loop state (``run.ctx`` [1, S + n] is the text so far; streaming, checks).
+        """
         cfg = config or self.config
         self._check_prompt(input_ids, cfg)
         runner, drafter = self.runner, self.drafter
@@ -193,6 +199,10 @@ class SpeculativeDecoder:
             if not stats.stopped:
                 with run.timer("draft"):
                     drafter.commit(run.ctx, res.features, base)
+                if max_rounds is not None and len(stats.rounds) >= max_rounds:
+                    stats.stopped = "rounds"
+            if callback is not None:
+                callback(run)
         sync()
         stats.wall = run.clock() - t0
         stats.new_tokens = len(new)
