@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default="smollm2-135m", help="short name, model folder or Hub id")
     ap.add_argument("--head", help="EAGLE-3 head folder (save_pretrained) or Hub id")
     ap.add_argument("--exit-head", help="early-exit head folder, or a training output folder with layer_<l>/ heads")
-    ap.add_argument("--exit-layer", type=int, nargs="+", help="exit layers to evaluate (default: every head found)")
+    ap.add_argument("--exit-layer", type=int, nargs="+", help="exit layers to decode with (default: every head "
+                                                              "found; all found heads get the agreement report)")
     ap.add_argument("--exit-window", type=int, default=1, help="window tokens before the full target pass")
     ap.add_argument("--draft-model", help="HF draft model (folder / Hub id) or layers:N (a layer-truncated copy "
                                           "of the target, for targets without a smaller sibling)")
@@ -42,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--k", type=int, nargs="+", default=[3, 5], help="draft lengths")
+    ap.add_argument("--baseline-k", type=int, nargs="+",
+                    help="draft lengths of the HF prompt-lookup / assisted baselines (default: --k)")
     ap.add_argument("--method", nargs="+", default=["tokenwise", "hsd"],
                     help="verifiers at T > 0 (tokenwise, blockwise, hsd); T = 0 uses greedy_verify")
     ap.add_argument("--backend", nargs="+", default=["torch"], help="torch and/or triton")
     ap.add_argument("--tree", action="store_true", help="tree drafts (not implemented yet: a later issue)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     ap.add_argument("--no-lookup", action="store_true", help="skip this engine's prompt-lookup drafter")
+    ap.add_argument("--no-model-drafter", action="store_true",
+                    help="with --draft-model: run it only as the HF assisted baseline, not in this engine")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every configuration (tok/s mean +- std)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -74,6 +79,23 @@ def select_prompts(prompts: list, n: int) -> list:
                 out.append(g[i])
         i += 1
     return out
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _safe(name: str) -> str:
@@ -164,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         prompts = select_prompts(load_prompts(args.prompts or list(DEFAULT_PROMPT_FILES), REPO_ROOT), args.num_prompts)
-        models = load_models(args.target, args.head, args.exit_head, args.exit_layer, args.draft_model,
+        models = load_models(args.target, args.head, args.exit_head, None, args.draft_model,
                              dtype=args.dtype, device=args.device, stock_copy=not args.no_hf)
+        for layer in args.exit_layer or []:
+            if layer not in models.exit_heads:
+                raise ValueError(f"--exit-layer {layer}: no exit head for it in {args.exit_head} "
+                                 f"(found layers {sorted(models.exit_heads)})")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -173,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json) if args.json else out_dir / "decode.json"
     specs = build_grid(args.temperature, args.k, args.method, args.backend, head=models.head is not None,
-                       exit_layers=sorted(models.exit_heads), draft_model=models.draft_model is not None,
-                       lookup=not args.no_lookup, hf=not args.no_hf, exit_window=args.exit_window,
-                       top_k=args.top_k, top_p=args.top_p)
+                       exit_layers=args.exit_layer or sorted(models.exit_heads),
+                       draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
+                       exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
+                       model_drafter=not args.no_model_drafter)
     ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels)
     meta = {"started": timestamp(), "argv": sys.argv if argv is None else argv, "target": args.target,
             "head": args.head, "exit_head": args.exit_head, "draft_model": models.draft_note or None,
@@ -183,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "repeats": args.repeats,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_kernels": not args.no_cpu_kernels, "batch_size": 1, "draft_shape": "chain",
-            "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)"}
+            "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
+            "git_commit": _git_commit(), "load_average_start": _loadavg()}
     results: dict[str, list] = {}
     entries: list[dict] = []
     report: dict[str, Any] = {"meta": meta, "runs": entries}
@@ -237,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         report["exit_agreement"] = exit_agreement(models, prompts, greedy_ref)
     report["planner"] = plan(entries)
     report["meta"]["finished"] = timestamp()
+    report["meta"]["load_average_end"] = _loadavg()
     json_path.write_text(json.dumps(report, indent=1, default=str))
     print_table(entries, console)
     if report.get("exit_agreement"):

@@ -56,7 +56,8 @@ def _t(temp: float) -> str:
 
 def build_grid(temperatures: list[float], ks: list[int], methods: list[str], backends: list[str], *,
                head: bool, exit_layers: list[int], draft_model: bool, lookup: bool = True,
-               hf: bool = True, exit_window: int = 1, top_k: int = 0, top_p: float = 1.0) -> list[RunSpec]:
+               hf: bool = True, exit_window: int = 1, top_k: int = 0, top_p: float = 1.0,
+               baseline_ks: list[int] | None = None, model_drafter: bool = True) -> list[RunSpec]:
     """The default grid: per temperature, HF generate, this engine without a drafter, then per K the HF
     prompt-lookup / assisted baselines and every EAGLE-3 method x backend, with and without each exit
     layer. At T = 0 all verifiers see one-hot rows and agree (tested), so only "greedy" runs there."""
@@ -68,14 +69,16 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
             specs.append(RunSpec(f"{tn}/hf_generate", "hf_generate", temp, **kw))
         specs.append(RunSpec(f"{tn}/ar", "engine", temp, "none", 0, **kw))
         meths = ["greedy"] if temp == 0 else [m for m in methods if m != "greedy"]
-        for k in ks:
-            if hf:
+        for k in sorted(set(ks) | set(baseline_ks or [])):
+            if hf and k in (baseline_ks or ks):
                 specs.append(RunSpec(f"{tn}/hf_lookup-k{k}", "hf_lookup", temp, k=k, **kw))
                 if draft_model:
                     specs.append(RunSpec(f"{tn}/hf_assisted-k{k}", "hf_assisted", temp, k=k, **kw))
+            if k not in ks:
+                continue
             if lookup:
                 specs.append(RunSpec(f"{tn}/lookup-k{k}-{meths[0]}", "engine", temp, "lookup", k, meths[0], **kw))
-            if draft_model:
+            if draft_model and model_drafter:
                 specs.append(RunSpec(f"{tn}/model-k{k}-{meths[0]}", "engine", temp, "model", k, meths[0], **kw))
             if head:
                 for m in meths:
