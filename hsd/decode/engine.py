@@ -234,14 +234,18 @@ class SpeculativeDecoder:
             run.stats.draft_steps += draft.size if q is not None else 0
         base = state.length()
         x = torch.cat([run.ctx[:, -1:], tokens], dim=1)
+        es = self.exit_stage if self.exit_stage is not None and self.exit_stage.stateful else None
+        capture = run.feature_layers + ((es.layer,) if es is not None else ())
         with run.timer("target"):
             t0 = run.clock()
-            out = run.runner.run(state, tokens=x, logit_rows=slice(None), capture=run.feature_layers)
+            out = run.runner.run(state, tokens=x, logit_rows=slice(None), capture=capture)
             run.stats.passes[x.shape[1]].append(run.clock() - t0)
         with run.timer("verify"):
             a, y = verify_chain(tokens, q, out.logits, cfg.sampling, cfg.verify_method, cfg.backend, run.generator)
             a = int(a[0])
         state.crop(base + 1 + a)
+        if es is not None:  # a round without the exit stage (k = 0): queue the committed h_l for the attn head
+            es.crop(base + 1 + a, out.captured[es.layer], base)
         feats = features_of(out.captured, run.feature_layers, slice(0, a + 1))
         return RoundResult(tokens=tokens, num_accepted=a, next_token=y, features=feats,
                            record=RoundRecord(drafted=tokens.shape[1], accepted=a, emitted=0))

@@ -91,10 +91,15 @@ class ExitStage:
         if self.fed > n:
             self.cache.crop(n)
             self.fed = n
-        if self.fed < n:
-            if h_rows is None or h_start > self.fed or h_start + h_rows.shape[1] < n:
+            self.pending = None
+        have = self.fed + (0 if self.pending is None else self.pending.shape[1])
+        if have > n:
+            self.pending = self.pending[:, : n - self.fed] if n > self.fed else None
+        elif have < n:
+            if h_rows is None or h_start > have or h_start + h_rows.shape[1] < n:
                 raise RuntimeError("exit head: missing h_l rows for positions it has not seen")
-            self.pending = h_rows[:, self.fed - h_start: n - h_start]
+            new = h_rows[:, have - h_start: n - h_start]
+            self.pending = new if self.pending is None else torch.cat([self.pending, new], dim=1)
 
     @torch.no_grad()
     def round(self, run: _Run, k: int) -> RoundResult:
