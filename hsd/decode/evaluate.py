@@ -88,7 +88,18 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                         for layer in exit_layers:
                             specs.append(RunSpec(f"{tn}/eagle3-k{k}-{m}{sfx}+exit{layer}", "engine", temp, "eagle3",
                                                  k, m, b, layer, exit_window, **kw))
-    return specs
+    return sorted(specs, key=lambda sp: priority(sp, min(ks) if ks else 0))
+
+
+def priority(spec: RunSpec, k_first: int) -> int:
+    """Run order, so that an interrupted run has the most telling results (a stable sort keeps the grid's
+    order inside a tier): 0 plain baselines of every temperature (every speed-up needs them), 1 the head at
+    the first K, 2 other engine drafters at the first K, 3 HF prompt lookup / assisted, 4 the rest."""
+    if spec.kind == "hf_generate" or (spec.kind == "engine" and spec.drafter == "none"):
+        return 0
+    if spec.kind == "engine" and spec.k == k_first:
+        return 1 if spec.drafter == "eagle3" else 2
+    return 3 if spec.kind in HF_KINDS else 4
 
 
 @dataclass
