@@ -170,6 +170,32 @@ def bench_plain(model, stock, dev, args) -> dict:
             "ours_vs_hf_speed": t["hf"] / t["ours"]}
 
 
+def bench_configs(model, head, dev, args) -> dict:
+    """Time per token of whole decoding runs per configuration (AR, and the head at K = 3, 5 with each
+    verifier), and the verifier's share of the decode time, from the engine's own timers."""
+    from hsd.decode import DecodeConfig, Eagle3Drafter, NoDrafter, SpeculativeDecoder, summarize
+
+    v = int(model.config.vocab_size)
+    ids = torch.randint(0, v, (1, args.context), generator=torch.Generator().manual_seed(3)).to(dev)
+    ck = dev.type == "cpu"
+    decs = {"none": SpeculativeDecoder(model, NoDrafter(), cpu_kernels=ck),
+            "eagle3": SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=ck), cpu_kernels=ck)}
+    out = {}
+    for temp in (0.0, 1.0):
+        confs = [("ar", "none", 0, "auto")]
+        methods = ["greedy"] if temp == 0 else args.methods
+        confs += [(f"eagle3-k{k}-{m}", "eagle3", k, m) for k in (3, 5) for m in methods]
+        for name, d, k, m in confs:
+            cfg = DecodeConfig(temperature=temp, k=k, method=m, max_new_tokens=args.plain_tokens, eos_token_id=[])
+            decs[d].generate(ids, config=cfg, seed=0)  # warm-up
+            recs = [decs[d].generate(ids, config=cfg, seed=s).stats for s in range(max(1, args.reps // 5))]
+            sm = summarize(recs)
+            dec_s = sum(r.wall - r.ttft for r in recs)
+            out[f"T{temp:g}/{name}"] = {"ms_per_token": sm["tpot_ms"], "tau": sm["tau"],
+                                        "verify_share": sm["time_breakdown_s"].get("verify", 0.0) / dec_s if dec_s else None}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="smollm2-135m")
@@ -212,6 +238,10 @@ def main(argv=None) -> int:
         print("   LM head ms: " + "  ".join(f"rows={n}: {x:.2f}" for n, x in r["lm_head_ms"].items()))
         for key, v in r["verify"].items():
             print(f"   verify {key}: {v['ms']:.3f} ms = {100 * v['share_of_round']:.2f} % of a round")
+    report["configs"] = bench_configs(model, head, dev, args)
+    print("\n== decoding, per configuration (time per output token after the first; verify share of decode time):")
+    for name, r in report["configs"].items():
+        print(f"   {name}: {r['ms_per_token']:.2f} ms/token, tau {r['tau']:.2f}, verify {100 * (r['verify_share'] or 0):.2f} %")
     args.cpu_kernels_for_plain = dev.type == "cpu"
     report["plain"] = bench_plain(model, stock, dev, args)
     p = report["plain"]
