@@ -35,18 +35,23 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = {"clock": time.perf_counter}
+
+
 def interleaved(fns: dict, reps: int, dev: torch.device) -> dict:
-    """Median seconds of each callable, measured round-robin so that load changes hit all alike."""
+    """Median seconds of each callable, measured round-robin so that load changes hit all alike (CPU time
+    of this process on the CPU, which other processes' load does not inflate; wall time on a GPU)."""
+    clock = CLOCK["clock"]
     for f in fns.values():  # warm-up
         f()
     ts = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             sync(dev)
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             sync(dev)
-            ts[k].append(time.perf_counter() - t0)
+            ts[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
@@ -178,8 +183,9 @@ def bench_configs(model, head, dev, args) -> dict:
     v = int(model.config.vocab_size)
     ids = torch.randint(0, v, (1, args.context), generator=torch.Generator().manual_seed(3)).to(dev)
     ck = dev.type == "cpu"
-    decs = {"none": SpeculativeDecoder(model, NoDrafter(), cpu_kernels=ck),
-            "eagle3": SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=ck), cpu_kernels=ck)}
+    clock = CLOCK["clock"]
+    decs = {"none": SpeculativeDecoder(model, NoDrafter(), cpu_kernels=ck, stage_clock=clock),
+            "eagle3": SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=ck), cpu_kernels=ck, stage_clock=clock)}
     out = {}
     for temp in (0.0, 1.0):
         confs = [("ar", "none", 0, "auto")]
@@ -190,9 +196,11 @@ def bench_configs(model, head, dev, args) -> dict:
             decs[d].generate(ids, config=cfg, seed=0)  # warm-up
             recs = [decs[d].generate(ids, config=cfg, seed=s).stats for s in range(max(1, args.reps // 5))]
             sm = summarize(recs)
-            dec_s = sum(r.wall - r.ttft for r in recs)
-            out[f"T{temp:g}/{name}"] = {"ms_per_token": sm["tpot_ms"], "tau": sm["tau"],
-                                        "verify_share": sm["time_breakdown_s"].get("verify", 0.0) / dec_s if dec_s else None}
+            tb = sm["time_breakdown_s"]
+            dec_s = sum(v for k2, v in tb.items() if k2 != "prefill")
+            ntok = sum(max(0, r.new_tokens - 1) for r in recs)
+            out[f"T{temp:g}/{name}"] = {"ms_per_token": 1e3 * dec_s / ntok if ntok else None, "tau": sm["tau"],
+                                        "verify_share": tb.get("verify", 0.0) / dec_s if dec_s else None}
     return out
 
 
@@ -210,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["tokenwise", "blockwise", "hsd"])
     ap.add_argument("--backends", nargs="+", default=None, help="default: torch (+ triton on a GPU)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--wall", action="store_true", help="time with the wall clock on the CPU too (default: "
+                                                        "process CPU time there, robust to a shared machine)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -217,9 +227,11 @@ def main(argv=None) -> int:
     if args.backends is None:
         args.backends = ["torch", "triton"] if args.device.startswith("cuda") else ["torch"]
     model, name, dev, dtype = load(args)
+    CLOCK["clock"] = time.perf_counter if (dev.type != "cpu" or args.wall) else time.process_time
     stock, _, _, _ = load(args)  # untouched copy: the stock layout and HF generate run on it
     head = make_head(model, dev, dtype, args.head)
     report = {"model": name, "device": str(dev), "dtype": str(dtype), "threads": torch.get_num_threads(),
+              "clock": "wall" if CLOCK["clock"] is time.perf_counter else "process CPU time",
               "context": args.context, "torch": torch.__version__, "layouts": {}}
     try:
         import os

@@ -65,13 +65,13 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, cfg: DecodeConfig, eo
     if seed is not None:
         torch.manual_seed(seed)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=clock, **kw)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         handle.remove()
     new = out[0, input_ids.shape[1]:].tolist()
-    st = DecodeStats(prompt_tokens=input_ids.shape[1], new_tokens=len(new), wall=wall,
+    st = DecodeStats(prompt_tokens=input_ids.shape[1], new_tokens=len(new), wall=wall, cpu=cpu,
                      ttft=(clock.first - t0) if clock.first else wall)
     st.target_calls = max(0, calls[0] - 1)
     st.stopped = "eos" if new and new[-1] in eos_ids else "length"

@@ -203,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                        draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
                        exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
                        model_drafter=not args.no_model_drafter)
-    ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels)
+    clock = time.process_time if args.device == "cpu" else time.perf_counter
+    ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels, stage_clock=clock)
     meta = {"started": timestamp(), "argv": sys.argv if argv is None else argv, "target": args.target,
             "head": args.head, "exit_head": args.exit_head, "draft_model": models.draft_note or None,
             "prompts": {g: sum(1 for p in prompts if p.group == g) for g in dict.fromkeys(p.group for p in prompts)},
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "repeats": args.repeats,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_kernels": not args.no_cpu_kernels, "batch_size": 1, "draft_shape": "chain",
+            "stage_clock": "process CPU time" if args.device == "cpu" else "wall",
             "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
             "git_commit": _git_commit(), "load_average_start": _loadavg()}
     results: dict[str, list] = {}
@@ -257,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             write_answers(out_dir / "answers" / f"{_safe(spec.name)}.jsonl", runs[0], spec)
             entries[:] = [entry_of(s) for s in specs if s.name in results]
             e = entries[-1]
-            prog.console.print(f"{spec.name}: tau {e['tau']:.2f}, {e['tokens_per_s_macro']:.1f} tok/s"
-                               + (f", x{e['speedup_vs_generate']:.2f} vs generate" if e.get("speedup_vs_generate") else ""))
+            prog.console.print(f"{spec.name}: tau {e['tau']:.2f}, {e['tokens_per_s_macro']:.1f} tok/s, "
+                               f"{e['tokens_per_cpu_s'] or 0:.1f} tok/CPU-s"
+                               + (f", x{e['speedup_vs_generate']:.2f} vs generate (x{e['speedup_vs_generate_cpu']:.2f} "
+                                  "CPU time)" if e.get("speedup_vs_generate") and e.get("speedup_vs_generate_cpu") else ""))
             json_path.write_text(json.dumps(report, indent=1, default=str))
     greedy_ref = results.get("T0/hf_generate") or results.get("T0/ar")
     if models.exit_heads and greedy_ref:

@@ -128,8 +128,10 @@ class Models:
 
 
 class Evaluator:
-    def __init__(self, models: Models, max_new_tokens: int = 128, seed: int = 0, cpu_kernels: bool = True):
+    def __init__(self, models: Models, max_new_tokens: int = 128, seed: int = 0, cpu_kernels: bool = True,
+                 stage_clock: Callable[[], float] = time.perf_counter):
         self.m = models
+        self.stage_clock = stage_clock
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.cpu_kernels = cpu_kernels
@@ -163,7 +165,8 @@ class Evaluator:
                 if spec.exit_layer not in m.exit_heads:
                     raise ValueError(f"no exit head for layer {spec.exit_layer} (have {sorted(m.exit_heads)})")
                 es = ExitStage(m.exit_heads[spec.exit_layer], int(m.target.config.num_hidden_layers), cpu_kernels=ck)
-            self._decoders[key] = SpeculativeDecoder(m.target, drafter, es, cpu_kernels=ck)
+            self._decoders[key] = SpeculativeDecoder(m.target, drafter, es, cpu_kernels=ck,
+                                                     stage_clock=self.stage_clock)
         return self._decoders[key]
 
     def _one(self, spec: RunSpec, ids: list[int], seed: int, max_new: int | None = None) -> tuple[list[int], DecodeStats]:
@@ -216,6 +219,7 @@ def merge_turns(r: PromptResult) -> DecodeStats:
         m.prompt_tokens += s.prompt_tokens
         m.new_tokens += s.new_tokens
         m.wall += s.wall
+        m.cpu += s.cpu
         m.rounds += s.rounds
         m.draft_steps += s.draft_steps
         m.target_calls += s.target_calls
@@ -243,7 +247,7 @@ def report_run(spec: RunSpec, results: list[PromptResult], *, reference: list[Pr
         sg = summarize(sub)
         per_group[g] = {key: sg[key] for key in ("prompts", "tau", "tau_macro", "reach_rate", "cond_rate",
                                                  "draft_accept_rate", "tokens_per_s", "tokens_per_s_macro",
-                                                 "ttft_ms", "tpot_ms", "new_tokens")}
+                                                 "tokens_per_cpu_s", "ttft_ms", "tpot_ms", "new_tokens")}
     entry: dict[str, Any] = {
         "name": spec.name, "kind": spec.kind, "drafter": spec.drafter, "temperature": spec.temperature,
         "top_k": spec.top_k, "top_p": spec.top_p, "k": spec.k,
@@ -281,6 +285,9 @@ def report_run(spec: RunSpec, results: list[PromptResult], *, reference: list[Pr
                                          if base and base.get("tokens_per_s_macro") else None)
             entry[f"speedup_vs_{key}_pooled"] = (summ["tokens_per_s"] / base["tokens_per_s"]
                                                 if base and base.get("tokens_per_s") else None)
+            entry[f"speedup_vs_{key}_cpu"] = (summ["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+                                             if base and base.get("tokens_per_cpu_s") and summ["tokens_per_cpu_s"]
+                                             else None)
     return entry
 
 

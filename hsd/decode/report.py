@@ -19,14 +19,15 @@ def print_table(entries: list[dict[str, Any]], console=None, per_source: bool = 
 
     console = console or Console()
     t = Table(title="decode: tau = tokens per target pass (prefill excluded); tok/s incl. prefill (mean of prompts)")
-    for col in ("config", "tau", "per-position (uncond.)", "cond.", "accept", "tok/s", "TTFT ms", "TPOT ms",
-                "x generate", "x ours AR", "greedy =", "verify/1", "draft/1"):
+    for col in ("config", "tau", "per-position (uncond.)", "cond.", "accept", "tok/s", "tok/CPU-s", "TTFT ms",
+                "TPOT ms", "x generate", "x gen (CPU)", "x ours AR", "greedy =", "verify/1", "draft/1"):
         t.add_column(col, justify="left" if col == "config" else "right")
     for e in entries:
         t.add_row(e["name"], _f(e.get("tau")), _pp(e.get("per_position_acceptance")),
                   _pp(e.get("per_position_acceptance_conditional")), _f(e.get("draft_accept_rate")),
-                  _f(e.get("tokens_per_s_macro"), "{:.1f}"), _f(e.get("ttft_ms"), "{:.0f}"),
-                  _f(e.get("tpot_ms"), "{:.0f}"), _f(e.get("speedup_vs_generate")), _f(e.get("speedup_vs_ar")),
+                  _f(e.get("tokens_per_s_macro"), "{:.1f}"), _f(e.get("tokens_per_cpu_s"), "{:.1f}"),
+                  _f(e.get("ttft_ms"), "{:.0f}"), _f(e.get("tpot_ms"), "{:.0f}"), _f(e.get("speedup_vs_generate")),
+                  _f(e.get("speedup_vs_generate_cpu")), _f(e.get("speedup_vs_ar")),
                   e.get("exact_match_prompts") or "-", _f(e.get("verify_cost_ratio")), _f(e.get("draft_cost_ratio")))
     console.print(t)
     if not per_source:
@@ -34,7 +35,7 @@ def print_table(entries: list[dict[str, Any]], console=None, per_source: bool = 
     groups = sorted({g for e in entries for g in e.get("per_source", {})},
                     key=lambda g: ("gsm8k", "chat", "code", "multiturn").index(g)
                     if g in ("gsm8k", "chat", "code", "multiturn") else 9)
-    t = Table(title="per source: tau / tok/s (mean of prompts)")
+    t = Table(title="per source: tau / tok/s (mean of prompts) / tok per CPU-s (pooled)")
     t.add_column("config")
     for g in groups:
         n = max((e["per_source"].get(g, {}).get("prompts", 0) for e in entries), default=0)
@@ -42,6 +43,7 @@ def print_table(entries: list[dict[str, Any]], console=None, per_source: bool = 
     for e in entries:
         t.add_row(e["name"], *[
             f"{_f(e['per_source'][g]['tau'])} / {_f(e['per_source'][g]['tokens_per_s_macro'], '{:.1f}')}"
+            f" / {_f(e['per_source'][g].get('tokens_per_cpu_s'), '{:.1f}')}"
             if g in e.get("per_source", {}) else "-" for g in groups])
     console.print(t)
 

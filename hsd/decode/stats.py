@@ -11,7 +11,9 @@ Definitions (one each, as in the research note on evaluation anchors):
 * With an exit stage: the same for stage 1 (draft -> exit head, ``stage1_*``) and for the final pass over
   the window (exit head -> target), plus ``tau_stage1`` (tokens kept per stage-1 pass).
 * Speed: ``tokens_per_s`` = new tokens / wall time including prefill (mean of per-prompt values and
-  pooled), ``ttft_ms`` (prefill + first token), ``tpot_ms`` (decode time per token after the first).
+  pooled), ``ttft_ms`` (prefill + first token), ``tpot_ms`` (decode time per token after the first);
+  ``tokens_per_cpu_s``: the same per CPU second of the decoding process (on a shared machine, wall time
+  also counts the time other processes held the cores; CPU time does not).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class DecodeStats:
     new_tokens: int = 0
     ttft: float = 0.0
     wall: float = 0.0
+    cpu: float = 0.0  # CPU seconds of this process over the whole generate (robust to other processes' load)
     rounds: list[RoundRecord] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     passes: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -104,6 +107,10 @@ def summarize(records: list[DecodeStats]) -> dict[str, Any]:
     out["wall_s"] = wall
     out["tokens_per_s"] = new / wall if wall else 0.0
     out["tokens_per_s_macro"] = mean(s.new_tokens / s.wall for s in records if s.wall) if records else 0.0
+    cpu = sum(s.cpu for s in records)
+    out["cpu_s"] = cpu
+    out["tokens_per_cpu_s"] = new / cpu if cpu else None
+    out["tokens_per_cpu_s_macro"] = mean(s.new_tokens / s.cpu for s in records if s.cpu) if cpu else None
     out["ttft_ms"] = 1e3 * mean(s.ttft for s in records) if records else 0.0
     decode_tokens = sum(max(0, s.new_tokens - s.prefills) for s in records)
     out["tpot_ms"] = 1e3 * sum(s.wall - s.ttft for s in records) / decode_tokens if decode_tokens else 0.0
