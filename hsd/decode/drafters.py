@@ -24,6 +24,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from hsd.models.kv import KVCache
+
 from .cpu import relayout_linears
 from .draft import Draft
 from .sampling import SamplingParams, process, sample
@@ -204,17 +206,7 @@ def truncated_copy(model: nn.Module, num_layers: int) -> nn.Module:
 def head_logits_to_target(head: nn.Module, logits: Tensor) -> Tensor:
     """EAGLE-3 / early-exit head logits [..., Vd] -> target-vocabulary logits [..., V] (-inf outside the
     head's draft vocabulary). The only place that maps a head's draft vocabulary to the target's."""
-    vocab = getattr(head, "draft_vocab", None)
-    if vocab is not None and hasattr(vocab, "scatter_logits"):  # hsd.models.vocab.DraftVocab
-        return vocab.scatter_logits(logits)
-    if hasattr(head, "draft_logits_to_target"):  # Eagle3DraftModel
-        return head.draft_logits_to_target(logits)
-    ids = head.draft_to_target_ids()  # EarlyExitHead
-    if ids is None:
-        return logits
-    out = logits.new_full((*logits.shape[:-1], head.config.vocab_size), float("-inf"))
-    out[..., ids.to(logits.device)] = logits
-    return out
+    return head.draft_vocab.scatter_logits(logits)
 
 
 class Eagle3Drafter:
@@ -245,13 +237,8 @@ class Eagle3Drafter:
         self.chain_inputs: list[tuple[Tensor | None, int]] = []  # (hidden or None = previous output, ctx index)
         self._last = None
 
-    def _new_cache(self):
-        from hsd.models import eagle3
-
-        cls = getattr(eagle3, "Eagle3Cache", None)
-        if cls is None:  # after the KVCache refactor
-            from hsd.models.kv import KVCache as cls  # type: ignore[no-redef]
-        return cls()
+    def _new_cache(self) -> KVCache:
+        return KVCache()
 
     def commit(self, tokens: Tensor, features: Tensor | None = None, start: int = 0) -> None:
         if tokens.shape[0] != 1:
