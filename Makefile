@@ -15,6 +15,18 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 
 install: $(BIN)/.installed
 
+# Isolated environment for the tests that run vLLM's `speculators` package on exported heads (it pins
+# transformers <= 5.19, which the main environment cannot share): a complete lock, installed --no-deps.
+SPEC_VENV ?= .venv-speculators
+$(SPEC_VENV)/bin/.installed: requirements-speculators.txt constraints.txt
+	rm -rf $(SPEC_VENV)
+	$(PY) -m venv $(SPEC_VENV)
+	$(SPEC_VENV)/bin/pip install -q --upgrade pip
+	$(SPEC_VENV)/bin/pip install -q --no-deps -c constraints.txt -r requirements-speculators.txt
+	touch $@
+
+speculators-env: $(SPEC_VENV)/bin/.installed
+
 # Main job: train an EAGLE-3 draft head for SmolLM2-135M-Instruct on the bundled conversations (CPU,
 # offline). --resume: running it again continues an interrupted run instead of refusing the folder.
 run: install
@@ -24,8 +36,8 @@ run: install
 demo: install
 	$(BIN)/python -m hsd.verify --demo
 
-test: install
+test: install speculators-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-.PHONY: install run demo test
+.PHONY: install speculators-env run demo test
