@@ -304,7 +304,8 @@ def _norm(v: Any) -> Any:
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
              prog: str | None = None) -> int:
-    """Call ``main(argv)`` and return an exit status: 0, or 2 for bad input.
+    """Call ``main(argv)`` and return an exit status: ``main``'s own when it returns an int, else 0; 2 for bad
+    input.
 
     Bad input is what the project raises ValueError for (unknown or ill-typed config key, a value out of
     range, a data file that cannot be read, a model that does not fit) and OSError (a missing or unreadable
@@ -312,13 +313,13 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     ``HSD_TRACEBACK=1`` to get the traceback instead.
     """
     try:
-        main(argv)
+        status = main(argv)
     except (ValueError, OSError) as err:
         if os.environ.get("HSD_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"{prog or _prog()}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def _prog() -> str:

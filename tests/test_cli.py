@@ -96,3 +96,14 @@ def test_module_entry_points_exit_2_without_traceback(tmp_path):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(start), proc.stderr[-2000:]
+
+
+def test_decode_and_export_commands_are_wired(capsys, tmp_path):
+    assert {"decode", "export"} <= set(cli.COMMANDS)
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "decode " in out and "export " in out
+    # a missing head folder is a clear message and a failing exit status, not a traceback
+    assert cli.main(["export", str(tmp_path / "no_such_head"), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no_such_head" in err

@@ -2,6 +2,8 @@
 
     hsd-train train eagle3 --config configs/eagle3/smollm2-135m.yaml [--resume] [key=value ...]
     hsd-train train early-exit --config configs/early_exit/smollm2-135m.yaml [key=value ...]
+    hsd-train decode --head runs/eagle3/smollm2-135m/final [--temperature 0 1 --k 3 5 ...]
+    hsd-train export runs/eagle3/smollm2-135m/final --out exports/smollm2-135m-eagle3
     hsd-train --help                      # the commands; `hsd-train train` lists the trainers
 
 A command is a module with ``main(argv)``: the rest of the command line goes to it unchanged, so
@@ -26,6 +28,8 @@ from hsd.config import run_main
 COMMANDS: dict[str, str] = {
     "train eagle3": "train.eagle3",
     "train early-exit": "train.early_exit",
+    "decode": "hsd.decode.cli",
+    "export": "hsd.export.cli",
 }
 
 

@@ -1,5 +1,7 @@
-"""``scripts/decode.py`` / ``hsd-train decode``: decode the bundled prompts with every configuration and the
-baselines in one process; print a table, write JSON, EAGLE-style answer files and PNG plots.
+"""Decode the bundled prompts with every configuration and the baselines (table, JSON, plots).
+
+``scripts/decode.py`` / ``hsd-train decode``: every configuration and the baselines in one process; print a
+table, write JSON, EAGLE-style answer files and PNG plots.
 
     python scripts/decode.py --target smollm2-135m --head runs/eagle3/smollm2-135m/final \
         --exit-head runs/early_exit/smollm2-135m/final --exit-layer 4 --draft-model layers:8 \
