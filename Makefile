@@ -31,7 +31,7 @@ speculators-env: $(SPEC_VENV)/bin/.installed
 # offline). --resume: running it again continues an interrupted run instead of refusing the folder.
 run: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline} \
-		$(BIN)/python -m train.eagle3 --config configs/eagle3/smollm2-135m.yaml --resume
+		$(BIN)/hsd-train train eagle3 --config configs/eagle3/smollm2-135m.yaml --resume
 
 demo: install
 	$(BIN)/python -m hsd.verify --demo

@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from hsd.models import capture as cap  # noqa: E402
-from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel  # noqa: E402
-from train import ttt  # noqa: E402
+from hsd.models import capture as cap
+from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
+from train import ttt
 
 PRESETS = {
     # SmolLM2-135M-Instruct's shape (30 layers, GQA 9/3, tied embeddings)
@@ -144,7 +140,7 @@ def main(argv=None) -> dict:
     loss_mask = (torch.rand(batch, seq_len, generator=g) < a.assistant_fraction).long().to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    draft_ids, t2d = head.draft_ids, head.t2d
+    vocab = head.draft_vocab
 
     def target_forward():
         with torch.no_grad():
@@ -159,13 +155,13 @@ def main(argv=None) -> dict:
             row_logits = cap.lm_head(target)(c.final_hidden[rows]).float()
             state["features"] = torch.cat([c.hidden_states[i] for i in aux], -1)
             state["embeds"] = c.hidden_states[0]
-            state["targets"] = ttt.build_targets(row_logits, rows, draft_ids, t2d)
+            state["targets"] = ttt.build_targets(row_logits, rows, vocab)
 
     def head_step():
         with autocast:
             logits = ttt.ttt_unroll(head, state["features"], state["embeds"], state["targets"].rows, a.steps,
                                     a.attention)
-            loss, _ = ttt.ttt_loss(logits, state["targets"], draft_ids)
+            loss, _ = ttt.ttt_loss(logits, state["targets"], vocab)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -11,6 +11,14 @@ held-out evaluation prompt set. The selection is a seeded shuffle, so the same c
 files.
 
     python scripts/build_prompt_set.py --train-out data/prompts_train.jsonl --eval-out data/prompts_eval.jsonl
+
+``--all-out`` instead writes every prompt of the same pools that is not in an existing evaluation file:
+the rows of an existing training file first, in order, then all the others in a seeded shuffle, so any
+prefix of the file is a training set of that size with the same mix of sources (the held-out prompts
+never change):
+
+    python scripts/build_prompt_set.py --all-out data/prompts_train_all.jsonl \
+        --keep-train data/prompts_train.jsonl --exclude data/prompts_eval.jsonl
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ import importlib.util
 import json
 import random
 from pathlib import Path
+
+from hsd.config import run_main
 
 
 def package_dir(name: str, pip_name: str) -> Path:
@@ -77,6 +87,33 @@ def take(rows: list[dict], n_train: int, n_eval: int, rng: random.Random) -> tup
     return rows[:n_train], rows[n_train:n_train + n_eval]
 
 
+def read_rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"id": r["id"], "messages": r["messages"], "source": r["source"]},
+                                ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} prompts to {path}")
+
+
+def all_prompts(keep_train: str | None, exclude: list[str], seed: int) -> list[dict]:
+    """Every pool prompt not in ``exclude`` files: ``keep_train``'s rows first, then the rest shuffled."""
+    banned = {r["id"] for path in exclude for r in read_rows(path)}
+    first = read_rows(keep_train) if keep_train else []
+    if any(r["id"] in banned for r in first):
+        raise SystemExit(f"{keep_train} shares prompts with {exclude}")
+    seen = banned | {r["id"] for r in first}
+    singles, multi = chatterbot_dialogues()
+    rest = [r for pool in (gsm8k_prompts(), singles, multi, humaneval_prompts()) for r in pool
+            if r["id"] not in seen]
+    random.Random(seed).shuffle(rest)
+    return first + rest
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-out", default="data/prompts_train.jsonl")
@@ -86,7 +123,13 @@ def main(argv=None) -> None:
     ap.add_argument("--multiturn", type=int, nargs=2, default=(20, 0), metavar=("TRAIN", "EVAL"))
     ap.add_argument("--code", type=int, nargs=2, default=(40, 10), metavar=("TRAIN", "EVAL"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all-out", help="write every pool prompt not in --exclude (see the module docstring)")
+    ap.add_argument("--keep-train", help="with --all-out: a training file whose rows come first, in order")
+    ap.add_argument("--exclude", nargs="*", default=[], help="with --all-out: held-out files to leave out")
     args = ap.parse_args(argv)
+    if args.all_out:
+        write_rows(args.all_out, all_prompts(args.keep_train, args.exclude, args.seed))
+        return
 
     rng = random.Random(args.seed)
     singles, multi = chatterbot_dialogues()
@@ -97,13 +140,8 @@ def main(argv=None) -> None:
         train += tr
         held += ev
     for path, rows in ((args.train_out, train), (args.eval_out, held)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as fh:
-            for r in rows:
-                fh.write(json.dumps({"id": r["id"], "messages": r["messages"], "source": r["source"]},
-                                    ensure_ascii=False) + "\n")
-        print(f"wrote {len(rows)} prompts to {path}")
+        write_rows(path, rows)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

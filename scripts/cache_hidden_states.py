@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from hsd.config import run_main
 
 _STORE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_layers(n: int) -> list[int]:
-    return sorted({2, n // 2, n - 3})
 
 
 def write_shard(model, rows: list[dict], layers: list[int], store: torch.dtype, batch_size: int,
@@ -69,7 +64,8 @@ def main(argv=None) -> None:
     ap.add_argument("data", nargs="+", help="conversation files or Hub datasets")
     ap.add_argument("--out", required=True, help="cache folder")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--layers", type=int, nargs="*", default=None, help="HF hidden-state indices (default 2 N/2 N-3)")
+    ap.add_argument("--layers", type=int, nargs="*", default=None,
+                    help="HF hidden-state indices, in the order their features are concatenated (default 2 N//2 N-3)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--overflow", choices=["truncate", "drop"], default="truncate")
     ap.add_argument("--shard-size", type=int, default=64, help="conversations per shard")
@@ -85,6 +81,7 @@ def main(argv=None) -> None:
 
     from hsd.models import resolve
     from hsd.models.capture import num_layers, validate_layers
+    from hsd.models.eagle3 import default_aux_layer_ids
     from train import chat_data
     from train.feature_cache import META, shard_name
 
@@ -93,7 +90,8 @@ def main(argv=None) -> None:
     if args.shard_size < 1 or args.batch_size < 1:
         raise SystemExit("--shard-size and --batch-size must be >= 1")
     model, tok = resolve.load_target(args.model, dtype=args.dtype, device=args.device)
-    layers = validate_layers(model, args.layers if args.layers else default_layers(num_layers(model)))
+    layers = list(args.layers) if args.layers else default_aux_layer_ids(num_layers(model))
+    validate_layers(model, layers)
     ds = chat_data.load_conversations(args.data)
     if args.limit:
         ds = ds.select(range(min(args.limit, len(ds))))
@@ -103,7 +101,7 @@ def main(argv=None) -> None:
     meta = {
         "target": str(args.model), "layers": layers, "hidden_size": int(model.config.hidden_size),
         "num_target_layers": num_layers(model), "vocab_size": int(model.config.vocab_size),
-        "tokenizer_size": len(tok), "pad_token_id": chat_data.pad_id_of(tok),
+        "tokenizer_size": len(tok), "pad_token_id": resolve.pad_id_of(tok),
         "dtype": args.store_dtype, "shard_size": args.shard_size, "num_rows": len(rows), "num_shards": n_shards,
         "data": [str(d) for d in args.data], "max_length": args.max_length, "overflow": args.overflow,
         "limit": args.limit, "tokenize_stats": stats,
@@ -133,4 +131,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

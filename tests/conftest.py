@@ -18,6 +18,38 @@ import torch  # noqa: E402
 torch.set_default_dtype(torch.float32)  # this CPU has no fast bf16
 
 
+def _fast_interpreted_device_calls() -> None:
+    """TRITON_INTERPRET: every call of a @triton.jit helper from a kernel re-patches triton.language
+    (~5 ms of inspect.getmembers per call, most of the kernel tests' time). The first call of each
+    helper patches as Triton does (its nested patches are never undone, by Triton's design); later
+    calls run the helper's rewritten body directly, under the launch's own patch. Test speed only: the
+    kernels execute exactly the same operations."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # no triton: the kernel tests are skipped anyway
+        return
+    call = interpreter.InterpretedFunction.__call__
+    if getattr(call, "_hsd_fast", False) or not hasattr(interpreter.InterpretedFunction, "rewrite"):
+        return
+    patched = set()
+
+    def fast_call(self, *args, **kwargs):
+        if self.fn not in patched:
+            patched.add(self.fn)
+            return call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:  # same error type as Triton's own device calls
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    fast_call._hsd_fast = True
+    interpreter.InterpretedFunction.__call__ = fast_call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fast_interpreted_device_calls()
+
+
 def tiny_causal_lm(family: str = "llama", *, vocab_size: int = 96, hidden_size: int = 32,
                    num_layers: int = 8, seed: int = 0, **overrides):
     """A tiny random Llama or Qwen2 causal LM built from a `transformers` config (no download)."""

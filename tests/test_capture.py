@@ -37,3 +37,21 @@ def test_capture_without_logits_and_bad_layer():
     # hooks were removed even though the forward raised
     for layer in model.model.layers:
         assert not layer._forward_hooks
+
+
+def test_capture_returns_the_kv_cache_without_deprecated_names():
+    import warnings
+
+    model = tiny_causal_lm("qwen2")
+    ids = torch.randint(0, 96, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. transformers 5's "`past_key_values` is deprecated"
+        cap = capture(model, ids, layers=[2], use_cache=True)
+    assert cap.cache is not None and cap.cache.get_seq_length() == 6
+    # the cache continues the sequence: one more token equals the full forward's last position
+    nxt = torch.randint(0, 96, (2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step = capture(model, nxt, layers=[], cache=cap.cache, use_cache=True)
+    full = model(torch.cat([ids, nxt], 1)).logits[:, -1:]
+    torch.testing.assert_close(step.logits, full.float(), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Run configs: YAML + key=value overrides, type coercion, unknown keys, validation, save/load round trip."""
+"""Configs (hsd.config): YAML + key=value overrides, type coercion, unknown keys, validation, save/load
+round trip, and the command-line error contract (one line on stderr, exit status 2)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,15 +8,16 @@ from typing import ClassVar, Literal, Optional
 import pytest
 import yaml
 
-from train.config import (
-    BaseTrainConfig,
+from hsd.config import (
     apply_overrides,
     config_diff,
     config_from_dict,
     config_to_dict,
     load_config,
+    run_main,
     save_config,
 )
+from train.config import BaseTrainConfig
 
 
 @dataclasses.dataclass
@@ -100,6 +102,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config(MyConfig, path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [1, 2\nbatch_size: 3\n")
+    with pytest.raises(ValueError, match="broken.yaml.*not valid YAML"):
+        load_config(MyConfig, broken)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(MyConfig, empty) == MyConfig()
@@ -137,3 +143,47 @@ def test_config_diff_ignores_mutable_keys():
     # int vs float spelling of the same number is not a difference
     assert config_diff({"x": 1}, {"x": 1.0}) == {}
     assert config_diff({"x": [1, 2]}, {"x": (1, 2)}) == {}
+
+
+def test_any_dataclass_and_literal_choices():
+    """hsd.config serves any dataclass (no BaseTrainConfig, no validate); Literal fields list their choices."""
+
+    @dataclasses.dataclass
+    class Plain:
+        method: Literal["hsd", "tokenwise"] = "hsd"
+        k: int = 4
+
+    assert load_config(Plain, None, ["method=tokenwise", "k=7"]) == Plain("tokenwise", 7)
+    with pytest.raises(ValueError, match=r"'method' must be one of \['hsd', 'tokenwise'\], got 'blockwise'"):
+        load_config(Plain, None, ["method=blockwise"])
+    hints = __import__("typing").get_type_hints(BaseTrainConfig)
+    for name in ("report_to", "mixed_precision", "overflow", "target_dtype"):
+        assert __import__("typing").get_origin(hints[name]) is Literal, name
+
+
+def test_run_main_turns_bad_input_into_one_line_and_status_2(capsys, monkeypatch):
+    monkeypatch.delenv("HSD_TRACEBACK", raising=False)
+
+    def bad_key(argv):
+        load_config(MyConfig, None, argv)
+
+    assert run_main(bad_key, ["lrr=1"], prog="hsd-train") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hsd-train: error: unknown config key 'lrr'") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+    def missing(argv):
+        open("/nonexistent/file.jsonl")
+
+    assert run_main(missing, [], prog="x") == 2
+    assert "No such file" in capsys.readouterr().err
+    assert run_main(lambda argv: None, []) == 0
+
+    def bug(argv):
+        raise KeyError("a bug, not bad input")
+
+    with pytest.raises(KeyError):  # programming errors keep their traceback
+        run_main(bug, [])
+    monkeypatch.setenv("HSD_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="lrr"):
+        run_main(bad_key, ["lrr=1"])

@@ -113,3 +113,22 @@ def test_bundled_data_files():
     for r in rows:
         roles = [m["role"] for m in r["messages"]]
         assert roles[-1] == "assistant" and roles.count("assistant") == len(r["finished"])
+
+
+def test_build_all_prompts_keeps_train_first_and_eval_out(tmp_path):
+    build = _script("build_prompt_set")
+    args = ["--gsm8k", "5", "3", "--chat", "4", "2", "--multiturn", "2", "1", "--code", "3", "1"]
+    build.main(["--train-out", str(tmp_path / "a.jsonl"), "--eval-out", str(tmp_path / "b.jsonl"), *args])
+    build.main(["--all-out", str(tmp_path / "all.jsonl"), "--keep-train", str(tmp_path / "a.jsonl"),
+                "--exclude", str(tmp_path / "b.jsonl")])
+    train, held, every = (_rows(tmp_path / n) for n in ("a.jsonl", "b.jsonl", "all.jsonl"))
+    assert every[:len(train)] == train
+    ids = [r["id"] for r in every]
+    assert len(ids) == len(set(ids)) and not set(ids) & {r["id"] for r in held}
+    assert len(every) > 1000  # every GSM8K / chatterbot / HumanEval prompt but the held-out ones
+    build.main(["--all-out", str(tmp_path / "again.jsonl"), "--keep-train", str(tmp_path / "a.jsonl"),
+                "--exclude", str(tmp_path / "b.jsonl")])
+    assert (tmp_path / "all.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match="shares prompts"):
+        build.main(["--all-out", str(tmp_path / "x.jsonl"), "--keep-train", str(tmp_path / "a.jsonl"),
+                    "--exclude", str(tmp_path / "a.jsonl")])

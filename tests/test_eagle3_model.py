@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsd.models.eagle3 import EXPORT_KEYS, Eagle3Cache, Eagle3Config, Eagle3DraftModel, load_draft
+from hsd.models.eagle3 import EXPORT_KEYS, Eagle3Config, Eagle3DraftModel, load_draft
+from hsd.models.kv import KVCache
 from tests.conftest import tiny_causal_lm
 from train import ttt
 
@@ -21,7 +22,7 @@ def make_head(target, vd=64, seed=1, **overrides) -> Eagle3DraftModel:
     head = Eagle3DraftModel(Eagle3Config.from_target(target.config, vd, **overrides))
     ids = torch.sort(torch.randperm(target.config.vocab_size)[:vd]).values  # a scattered draft vocab
     head.set_draft_vocab(ids - torch.arange(vd))
-    return head.set_target_embedding(target)
+    return head.attach_target(target)
 
 
 def test_export_key_set_and_shapes(tiny_target):
@@ -109,9 +110,9 @@ def test_draft_vocab_buffers_and_mapping():
     head.set_draft_vocab(used - torch.arange(5))
     assert head.d2t.tolist() == [3, 9, 9, 37, 91]
     assert torch.equal(torch.nonzero(head.t2d).flatten(), used) and head.t2d.sum() == 5
-    assert torch.equal(head.draft_ids, used)
+    assert torch.equal(head.draft_vocab.target_ids, used)
     logits = torch.randn(2, 3, 5)
-    full = head.draft_logits_to_target(logits)
+    full = head.draft_vocab.scatter_logits(logits)
     assert full.shape == (2, 3, 96)
     assert torch.equal(full[..., used], logits)
     mask = torch.ones(96, dtype=torch.bool)
@@ -146,7 +147,7 @@ def test_save_load_round_trip_without_embedding(tmp_path):
     for k, v in head.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     ids, feats = torch.randint(0, 96, (2, 6)), torch.randn(2, 6, 96)
-    with pytest.raises(ValueError, match="set_target_embedding"):
+    with pytest.raises(ValueError, match="attach_target"):
         loaded(ids, features=feats)
     loaded = load_draft(str(tmp_path), target)
     torch.testing.assert_close(loaded(ids, features=feats).logits, head(ids, features=feats).logits,
@@ -197,10 +198,10 @@ def test_step_api_tree_mask_and_errors():
     sib_tokens = torch.tensor([[7, 9]])
     h = pre.hidden[:, -1:].expand(1, 2, -1)
     tree = torch.tensor([[[True, True, True, False], [True, True, False, True]]])
-    both = head(sib_tokens, torch.tensor([[2, 2]]), Eagle3Cache(pre.cache.key, pre.cache.value), hidden=h,
+    both = head(sib_tokens, torch.tensor([[2, 2]]), KVCache(pre.cache.key, pre.cache.value), hidden=h,
                 attention_mask=tree)
     for i in range(2):
-        one = head(sib_tokens[:, i:i + 1], torch.tensor([[2]]), Eagle3Cache(pre.cache.key, pre.cache.value),
+        one = head(sib_tokens[:, i:i + 1], torch.tensor([[2]]), KVCache(pre.cache.key, pre.cache.value),
                    hidden=h[:, :1])
         torch.testing.assert_close(both.logits[:, i], one.logits[:, 0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="exactly one"):

@@ -7,6 +7,7 @@ import torch
 
 from hsd.models import capture as cap
 from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
+from hsd.models.vocab import DraftVocab
 from tests.conftest import tiny_causal_lm
 from train import ttt
 
@@ -55,7 +56,7 @@ def _batch(target, head, ids, attn, loss_mask):
     c = cap.capture(target, ids, attn, layers=sorted({0, *aux}), logits=True)
     feats = torch.cat([c.hidden_states[i] for i in aux], -1)
     rows = ttt.teacher_rows(loss_mask, attn)
-    targets = ttt.build_targets(c.logits[rows], rows, head.draft_ids, head.t2d)
+    targets = ttt.build_targets(c.logits[rows], rows, head.draft_vocab)
     return feats, c.hidden_states[0], targets
 
 
@@ -68,7 +69,7 @@ def test_reference_equals_fast_path_loss_and_grads(family):
     for attention in ("reference", "sdpa", "auto"):
         head.zero_grad(set_to_none=True)
         logits = ttt.ttt_unroll(head, feats, embeds, targets.rows, 5, attention=attention)
-        loss, metrics = ttt.ttt_loss(logits, targets, head.draft_ids, 0.8)
+        loss, metrics = ttt.ttt_loss(logits, targets, head.draft_vocab, 0.8)
         loss.backward()
         results[attention] = (loss.detach(), {k: v[0].item() for k, v in metrics.items()},
                               {n: p.grad.clone() for n, p in head.named_parameters()})
@@ -99,7 +100,7 @@ def test_loss_independent_of_padding_and_batch_duplication():
     for feats, embeds, targets in (one, padded, dup):
         with torch.no_grad():
             logits = ttt.ttt_unroll(head, feats, embeds, targets.rows, 3)
-            loss, metrics = ttt.ttt_loss(logits, targets, head.draft_ids)
+            loss, metrics = ttt.ttt_loss(logits, targets, head.draft_vocab)
         losses.append((loss.item(), {k: (v[0] / v[1]).item() for k, v in metrics.items() if v[1] > 0}))
     for other in losses[1:]:
         assert other[0] == pytest.approx(losses[0][0], rel=1e-5)
@@ -114,9 +115,8 @@ def test_metrics_by_hand():
     top1 = [0, 1, 0, 2, 1]  # u = 3: target argmax (id 2) is outside the draft vocab
     for u, v in enumerate(top1):
         L[u, v] = 5.0
-    ids = torch.tensor([0, 1])
-    t2d = torch.tensor([True, True, False])
-    targets = ttt.build_targets(L, rows, ids, t2d)
+    vocab = DraftVocab.from_target_ids(torch.tensor([0, 1]), 3)
+    targets = ttt.build_targets(L, rows, vocab)
     assert targets.in_vocab.tolist() == [True, True, True, False, True]
     torch.testing.assert_close(targets.teacher.sum(-1), torch.ones(5))
     assert (targets.p_draft.sum(-1)[3] < 0.01) and (targets.p_draft.sum(-1)[0] > 0.99)
@@ -131,7 +131,7 @@ def test_metrics_by_hand():
     # step 1: rows t=0..2 <-> u=2..4 (top1 0,2,1):   right, miss, right
     step0 = logit_rows([1, 0, 0, 0])
     step1 = logit_rows([0, 0, 1])
-    loss, m = ttt.ttt_loss([step0, step1], targets, ids, gamma=0.5)
+    loss, m = ttt.ttt_loss([step0, step1], targets, vocab, gamma=0.5)
     mean = {k: (s / c).item() for k, (s, c) in m.items()}
     assert m["acc_0"][1].item() == 4 and m["loss_0"][1].item() == 3  # out-of-vocab row: in acc, not in loss
     assert mean["acc_0"] == pytest.approx(2 / 4) and mean["acc_1"] == pytest.approx(2 / 3)
@@ -159,7 +159,7 @@ def test_memorises_tiny_set():
     first = acc0 = None
     for step in range(400):  # noqa: B007 - read after the loop
         logits = ttt.ttt_unroll(head, feats, embeds, targets.rows, 2)
-        loss, m = ttt.ttt_loss(logits, targets, head.draft_ids)
+        loss, m = ttt.ttt_loss(logits, targets, head.draft_vocab)
         acc0 = (m["acc_0"][0] / m["acc_0"][1]).item()
         first = loss.item() if first is None else first
         if acc0 > 0.9:
@@ -184,8 +184,8 @@ def test_loss_matches_naive_per_position_loop():
     with torch.no_grad():
         dense = ttt.ttt_unroll(head, feats, embeds, targets.rows, K, all_rows=True)  # [B, S, Vd] per step
         sparse = ttt.ttt_unroll(head, feats, embeds, targets.rows, K)
-        loss, m = ttt.ttt_loss(sparse, targets, head.draft_ids, 0.8)
-    ids_d = head.draft_ids
+        loss, m = ttt.ttt_loss(sparse, targets, head.draft_vocab, 0.8)
+    ids_d = head.draft_vocab.target_ids
     B, S = ids.shape
     expected = 0.0
     for k in range(K):

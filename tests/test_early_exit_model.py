@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hsd.decode.sampling import process_logits
 from hsd.models.capture import capture
 from hsd.models.early_exit import (
     HEAD_TYPES,
     EarlyExitConfig,
     EarlyExitHead,
-    HeadCache,
     ResidualStreamError,
     assert_frozen_target,
     default_exit_layers,
@@ -18,6 +18,7 @@ from hsd.models.early_exit import (
     load_head,
     target_checksum,
 )
+from hsd.models.kv import KVCache
 from tests.conftest import tiny_causal_lm
 
 H, V, L = 32, 96, 8
@@ -67,7 +68,7 @@ def test_lens_reproduces_final_norm_lm_head_exactly(tiny_target, layer):
     assert head.num_trainable_parameters() == 0
     assert torch.equal(got, ref)
     assert torch.equal(got2, ref)
-    probs = head.probs(got, 0.7)
+    probs = head.draft_vocab.scatter_probs(process_logits(got, 0.7))  # the rows a decoder samples from
     assert torch.allclose(probs, torch.softmax(ref / 0.7, -1), atol=1e-7)
 
 
@@ -122,11 +123,14 @@ def test_lens_round_trip_and_draft_vocab(llama, tmp_path):
     assert got.shape[-1] == vd
     assert torch.allclose(got, full[..., keep], atol=1e-6)
     step = head.step(x[:, :4])
-    assert step.probs.shape[-1] == V
-    assert torch.allclose(step.probs.sum(-1), torch.ones(2, 4), atol=1e-5)
+    assert step.cache is None and step.hidden is None
+    probs = head.draft_vocab.scatter_probs(process_logits(step.logits, head.config.training_temperature))
+    assert probs.shape[-1] == V
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 4), atol=1e-5)
     outside = torch.ones(V, dtype=torch.bool)
     outside[keep] = False
-    assert step.probs[..., outside].abs().max() == 0
+    assert probs[..., outside].abs().max() == 0
+    assert torch.isneginf(head.draft_vocab.scatter_logits(step.logits)[..., outside]).all()
     head.save_pretrained(tmp_path)
     loaded = load_head(str(tmp_path), llama)
     assert torch.equal(loaded.d2t, d2t)
@@ -147,7 +151,7 @@ def test_attn_cached_steps_equal_full_sequence(llama):
         st = head.step(x[:, a:b], cache=cache)
         cache = st.cache
         chunks.append(st.logits)
-    assert isinstance(cache, HeadCache) and cache.length == 14
+    assert isinstance(cache, KVCache) and cache.length == 14
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
     # Reject the last 4 tokens, then feed different ones: equals a full pass over the new sequence.
     cache.crop(10)

@@ -58,8 +58,13 @@ def test_training_beats_the_lens_and_writes_heads(env, tmp_path):
     assert summary["exit_layers"] == [2, 4] and summary["metrics_from"] == "eval"
     assert summary["per_layer"]["4"]["trained"]["alpha"] == pytest.approx(res["eval/alpha_L4"])
     assert summary["per_layer"]["4"]["lens"]["alpha"] == pytest.approx(res["eval/lens_alpha_L4"])
-    for d in (final, out / "checkpoints" / "step_15", out / "checkpoints" / "step_30"):
-        assert (d / "exit_quality.png").read_bytes()[:4] == b"\x89PNG"
+    for d in (final, out / "best", out / "checkpoints" / "step_15", out / "checkpoints" / "step_30"):
+        assert (d / "exit_quality.png").read_bytes()[:4] == b"\x89PNG"  # on_save runs for every folder
+        assert json.loads((d / "exit_metrics.json").read_text())["exit_layers"] == [2, 4]
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    best_summary = json.loads((out / "best" / "exit_metrics.json").read_text())
+    assert best_summary["step"] == best["step"] and best_summary["metrics_from"] == "eval"
+    assert best_summary["alpha_mean"] == pytest.approx(best["eval/alpha_mean"])
     assert (out / "best" / "layer_4" / "config.json").is_file()
     head = EarlyExitHead.from_pretrained(final / "layer_4")
     assert (head.config.exit_layer, head.config.head_type, head.config.num_target_layers) == (4, "affine", 8)

@@ -53,8 +53,9 @@ def _loop_residual(p_row, q_row, x, w):
 
 
 def loop_reference(tokens, q, p, method, coins, u):
-    """Independent oracle: a row-by-row float64 transcription of research note §2.1 / §2.2 with the
-    uniforms convention of /work/interfaces.md (BV weights by the recursion w_k = min(1, w_{k-1} p/q))."""
+    """Independent oracle: a row-by-row float64 transcription of token-wise verification and block
+    verification (docs/verification.md) with the uniforms convention of hsd.verify (BV weights by the
+    recursion w_k = min(1, w_{k-1} p/q))."""
     b, k = tokens.shape
     p, q = p.double(), None if q is None else q.double()
     n_out, t_out = [], []
@@ -285,5 +286,34 @@ def test_bad_arguments_raise_value_error():
     for bad_t in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature"):
             verify_triton_logits(tokens, draft, target, bad_t, "hsd", coins, u)
-    with pytest.raises(ValueError, match="target_logits: expected a floating dtype"):
+    with pytest.raises(ValueError, match="target_logits: expected one of"):
         verify_triton_logits(tokens, draft, target.long(), 1.0, "hsd", coins, u)
+    with pytest.raises(ValueError, match="float16 probabilities are refused"):
+        verify_triton(tokens, q.half(), p, "hsd", coins, u)
+
+
+@pytest.mark.parametrize("method", ["tokenwise", "hsd"])
+def test_fused_kernel_exact_law(method):
+    """The fused kernel's exact law (its coins just inside/outside every threshold, u at every
+    inverse-CDF interval midpoint, all chains of a V = 3, K = 2 instance) is the target joint; the
+    uncapped recipe is rejected by the same check (run through torch at the same points)."""
+    from hsd.verify import exact
+    from hsd.verify.serving import VerifyPlan
+    from tests.test_verify_exact import check_lossless, instance, uncapped_levels
+
+    inst = instance(3, 2, 0)
+
+    def kernel(tok, q, p, coins, u):
+        plan = VerifyPlan(max_batch=tok.shape[0], max_draft=2, vocab=3, method=method, backend="triton")
+        res = plan(tok, p.float(), q.float(), uniforms=(coins.float().contiguous(), u.float().contiguous()))
+        return res.num_accepted, res.next_token
+
+    law, acc = exact.single_chain_law(inst, method, sampler=True, run=kernel, margin=1e-4, both_ends=False)
+    # The outcomes are the kernel's, the weights exact: every evaluation point must agree with the law.
+    check_lossless(law, inst)
+    target = exact.target_joint(inst)
+    assert acc == pytest.approx(exact.single_chain_law(inst, method)[1], abs=1e-12)
+    bad, _ = exact.single_chain_law(inst, uncapped_levels, sampler=True, margin=1e-4, both_ends=False)
+    assert exact.total_variation(bad, target) > 1e-3
+    with pytest.raises(AssertionError, match="not lossless"):
+        check_lossless(bad, inst)

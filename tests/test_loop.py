@@ -16,7 +16,8 @@ import torch
 from tests.toy_task import ToyConfig, ToyTask
 from train import checkpoint as ckpt
 from train.config import load_config
-from train.loop import lr_multiplier, main, shard_indices, train
+from train.distributed import shard_indices
+from train.loop import lr_multiplier, main, train
 from train.tracking import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_trains_and_writes_layout(tmp_path):
     # layout: rotation kept the 2 newest checkpoints; best/final/config/metrics; nothing temporary left
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [30, 40]
     for f in ("config.yaml", "metrics.jsonl", "run_info.json", "final/model.pt", "final/config.yaml",
-              "final/on_save.txt", "best/model.pt", "checkpoints/step_40/model/model.pt",
+              "final/on_save.txt", "best/model.pt", "best/on_save.txt", "checkpoints/step_40/model/model.pt",
               "checkpoints/step_40/config.yaml", "checkpoints/step_40/optimizer.pt",
               "checkpoints/step_40/rng_0.pt", "checkpoints/step_40/on_save.txt"):
         assert (out / f).is_file(), f
@@ -152,7 +153,7 @@ def test_kill_and_resume_subprocess(tmp_path):
     run(straight, *common)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/toy_train_entry.py"), f"output_dir={out}",
+    proc = subprocess.Popen([sys.executable, "-m", "tests.toy_train_entry", f"output_dir={out}",
                              *common, "sleep_per_step=0.15"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

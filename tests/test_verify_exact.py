@@ -1,12 +1,18 @@
 """Exact-enumeration losslessness of hsd.verify (no sampling), reference numbers, and the negative
-control: the official HSD recipe (uncapped final test min(1, R_K)) must be rejected by the same check."""
+control: the official HSD recipe (uncapped final test min(1, R_K)) must be rejected by the same check.
+
+Two exact laws are checked: the law functions' (``decision_law``) and the sampler's own
+(``sampler_decision_law``: ``verify`` run on an enumeration of its uniforms). The second one catches
+bugs in the sampling code that the first cannot see; planted examples below.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hsd.verify import blockwise, exact
-from hsd.verify.common import before_start, default_start
+from hsd.verify import api, blockwise, exact
+from hsd.verify.common import before_start, default_start, residual
+from tests.tree_plants import LOSSY_TRANSCRIPTION
 
 TOL = 1e-9
 SINGLE_CONFIGS = [(2, 2), (3, 2), (5, 2), (3, 3), (4, 3), (2, 4), (3, 4), (5, 4)]
@@ -141,9 +147,10 @@ def test_multi_with_one_chain_equals_single_chain():
         assert acc_multi == pytest.approx(acc_single, abs=1e-12)
 
 
-def test_multi_negative_control_uncapped_is_rejected():
+def test_multi_negative_control_is_rejected():
+    """verify_multi runs the tree verifier; its negative control is the lossy tree update rule."""
     inst = exact.random_instance(3, 2, seed=4242)
-    law, _ = exact.multi_chain_law(inst, 2, uncapped_levels)
+    law, _ = exact.multi_chain_law(inst, 2, LOSSY_TRANSCRIPTION)
     assert exact.total_variation(law, exact.target_joint(inst)) > 1e-3
     with pytest.raises(AssertionError, match="not lossless"):
         check_lossless(law, inst)
@@ -191,3 +198,68 @@ def test_point_mass_drafts_lossless(seed):
     # With q = 1, tokenwise accepts k tokens with prob P_k - P_{k+1}, and BV cannot do better.
     assert results["blockwise"] == pytest.approx(results["tokenwise"], abs=1e-12)
     assert results["hsd"] == pytest.approx(results["tokenwise"], abs=1e-12)
+
+
+# ---------------------------------------------------------------- the sampler's own exact law
+
+
+@pytest.mark.parametrize("vocab,depth", [(2, 2), (3, 2), (5, 2), (3, 3), (4, 3), (2, 4)])
+def test_sampler_exact_law_is_lossless(vocab, depth):
+    """verify() itself, run on every success pattern of its coins and every inverse-CDF interval of u,
+    reproduces the target joint exactly (and its E[accepted] equals the law functions')."""
+    inst = instance(vocab, depth, 0)
+    for method in METHODS:
+        law, acc = exact.single_chain_law(inst, method, sampler=True)
+        check_lossless(law, inst)
+        assert acc == pytest.approx(exact.single_chain_law(inst, method)[1], abs=1e-12)
+    law, _ = exact.single_chain_law(inst, uncapped_levels, sampler=True)
+    with pytest.raises(AssertionError, match="not lossless"):
+        check_lossless(law, inst)
+
+
+@pytest.mark.parametrize("keep_p,keep_q", [(2, 4), (1, 3)])
+def test_sampler_exact_law_truncated_and_point_mass(keep_p, keep_q):
+    inst = exact.truncated(exact.random_instance(4, 3, seed=11), keep_p, keep_q)
+    for method in METHODS:
+        check_lossless(exact.single_chain_law(inst, method, sampler=True)[0], inst)
+    inst = exact.random_instance(4, 3, seed=901)
+    chain = torch.tensor([[1, 2, 0]])
+    _, p = exact.chain_rows(inst, chain)
+    for method in METHODS:
+        joint = exact.sampler_decision_law(chain, None, p, method)
+        tau_law, rows = api.decision_law(chain, None, p, method)
+        assert torch.allclose(joint, tau_law.unsqueeze(-1) * rows, atol=1e-12)
+
+
+def wrong_residual_at(levels, tokens, draft_probs, target_probs, tau):
+    """Planted bug (review plant G): residual weight w_tau forced to 1, i.e. (p - q)_+ instead of
+    (w_tau p - q)_+ at the chosen level. The law functions never call this, so only the sampler's law sees it."""
+    k = tokens.shape[-1]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    pos = tau.clamp(max=k - 1)
+    p_row = target_probs[rows, tau]
+    q_row = None if draft_probs is None else draft_probs[rows, pos]
+    r = residual(torch.ones_like(tau, dtype=p_row.dtype), p_row, q_row, tokens[rows, pos], tau == k)
+    return r, p_row
+
+
+def first_failure_select_tau(levels, coins):
+    """Planted bug (review plant E): block methods stop at the first failed level instead of taking the
+    last successful one."""
+    ok = (coins.to(levels.h.dtype) <= levels.h) & (levels.h > 0)
+    return ok.long().cumprod(-1).sum(-1)
+
+
+@pytest.mark.parametrize("plant", [wrong_residual_at, first_failure_select_tau], ids=["residual_weight", "first_failure"])
+@pytest.mark.parametrize("vocab,depth", [(4, 3), (5, 2)])
+def test_sampler_exact_law_catches_planted_sampler_bugs(monkeypatch, plant, vocab, depth):
+    inst = instance(vocab, depth, 1)
+    for method in ("blockwise", "hsd"):
+        with monkeypatch.context() as m:
+            m.setattr(api, plant.__name__.replace("wrong_", "").replace("first_failure_", ""), plant)
+            law, _ = exact.single_chain_law(inst, method, sampler=True)
+            # The law functions do not run the sampler: they cannot see the plant.
+            check_lossless(exact.single_chain_law(inst, method)[0], inst)
+        assert exact.total_variation(law, exact.target_joint(inst)) > 1e-3
+        with pytest.raises(AssertionError, match="not lossless"):
+            check_lossless(law, inst)

@@ -225,6 +225,19 @@ def test_uniforms_convention_block(method):
     assert (int(res.num_accepted), int(res.next_token)) == (0, 1)  # w_2 = 1/4 < 0.3; residual (p-q)_+ = B
 
 
+@pytest.mark.parametrize("method", ["blockwise", "hsd"])
+def test_uniforms_convention_failure_then_success(method):
+    """A failed level followed by a successful one: tau is the LAST success, not the first failure.
+    Toy, K = 3, draft (B, A, B): w = (1, 1/2, 1); h_1 = 1, h_2 = S_2 / (S_2 + 1/2) = 0 (S_2 = 0), h_3 = w_3 = 1."""
+    p = torch.tensor([1 / 3, 2 / 3]).expand(1, 4, 2).contiguous()
+    q = torch.tensor([2 / 3, 1 / 3]).expand(1, 3, 2).contiguous()
+    t = torch.tensor([[1, 0, 1]])
+    res = verify(t, q, p, method=method, uniforms=(torch.tensor([[0.9, 0.5, 0.3]]), torch.tensor([0.2])))
+    assert (int(res.num_accepted), int(res.next_token)) == (3, 0)  # level 2 failed, level 3 succeeded
+    res = verify(t, q, p, method="tokenwise", uniforms=(torch.tensor([[0.9, 0.6, 0.3]]), torch.tensor([0.2])))
+    assert int(res.num_accepted) == 1  # token-wise stops at its first failure (p/q = 1/2 < 0.6)
+
+
 def test_uniforms_convention_tokenwise():
     t, q, p = _toy([1, 0])  # position 1: p/q = 2 (always), position 2: p/q = 1/2
     for coins, n in (((0.99, 0.6), 1), ((0.99, 0.5), 2), ((0.99, 0.4), 2)):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from hsd.verify import exact, montecarlo, verify, verify_multi
+from hsd.verify import api, exact, montecarlo, verify, verify_multi
 from tests.test_verify_exact import uncapped_levels
+from tests.tree_plants import LOSSY_TRANSCRIPTION
 
 N = 20000
 INSTANCES = [(3, 2, 2), (2, 3, 2)]  # (V, K, seed): the uncapped recipe is clearly biased on both
@@ -50,7 +51,7 @@ def test_sample_size_detects_uncapped_bias(vocab, depth, seed):
     inst = exact.random_instance(vocab, depth, seed)
     dof = vocab ** (depth + 1) - 1
     assert N * noncentrality(inst, exact.single_chain_law(inst, uncapped_levels)[0]) >= 10 * math.sqrt(2 * dof)
-    assert N * noncentrality(inst, exact.multi_chain_law(inst, 2, uncapped_levels)[0]) >= 10 * math.sqrt(2 * dof)
+    assert N * noncentrality(inst, exact.multi_chain_law(inst, 2, LOSSY_TRANSCRIPTION)[0]) >= 10 * math.sqrt(2 * dof)
 
 
 @pytest.mark.parametrize("vocab,depth,seed", INSTANCES)
@@ -87,6 +88,42 @@ def test_chi_square_multi(method):
 
 def test_chi_square_multi_negative_control_fails():
     inst = exact.random_instance(3, 2, 2)
-    seq, _ = run_multi(inst, 2, uncapped_levels, seed=31)
+    seq, _ = run_multi(inst, 2, LOSSY_TRANSCRIPTION, seed=31)
     pv, z = p_value(inst, seq)
-    assert pv < 1e-6 and z > 10, f"uncapped recipe not detected: p = {pv:.2g}, z = {z:.1f}"
+    assert pv < 1e-6 and z > 10, f"lossy tree update not detected: p = {pv:.2g}, z = {z:.1f}"
+
+
+# V = 4, K = 3: an instance where the residual weight w_tau < 1 matters (with V = 2 or 3 the planted
+# residual-weight bug moves little or no mass). Seed chosen for a large bias of that bug: N = 20000
+# is above the sizing rule for it, and the planted sampler must fail at the same N and seed.
+V4_INSTANCE = (4, 3, 4)
+
+
+def planted_residual_weight_law(inst, method):
+    from tests.test_verify_exact import wrong_residual_at
+
+    original = api.residual_at
+    api.residual_at = wrong_residual_at
+    try:
+        return exact.single_chain_law(inst, method, sampler=True)[0]
+    finally:
+        api.residual_at = original
+
+
+@pytest.mark.parametrize("method", ["tokenwise", "blockwise", "hsd"])
+def test_chi_square_v4_instance(monkeypatch, method):
+    vocab, depth, seed = V4_INSTANCE
+    inst = exact.random_instance(vocab, depth, seed)
+    dof = vocab ** (depth + 1) - 1
+    seq, _ = run_single(inst, method, seed=40)
+    pv, z = p_value(inst, seq)
+    assert pv > P_MIN, f"{method}: p = {pv:.2g}, z = {z:.1f}"
+    if method == "tokenwise":  # residual weight is 1 anyway
+        return
+    assert N * noncentrality(inst, planted_residual_weight_law(inst, method)) >= 10 * math.sqrt(2 * dof)
+    from tests.test_verify_exact import wrong_residual_at
+
+    monkeypatch.setattr(api, "residual_at", wrong_residual_at)
+    seq, _ = run_single(inst, method, seed=40)
+    pv, z = p_value(inst, seq)
+    assert pv < 1e-6 and z > 10, f"planted residual weight not detected: p = {pv:.2g}, z = {z:.1f}"

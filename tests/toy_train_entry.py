@@ -1,16 +1,20 @@
-"""Entry script for the toy task (the pattern every train/<x>.py entry point follows).
+"""Entry module for the toy task: the pattern every trainer module (train/eagle3.py, ...) follows.
 
-    python tests/toy_train_entry.py --config cfg.yaml [--resume] [key=value ...]
-    accelerate launch --config_file configs/accelerate/cpu_ds_zero2_2proc.yaml tests/toy_train_entry.py ...
+    python -m tests.toy_train_entry --config cfg.yaml [--resume] [key=value ...]
+    accelerate launch --config_file configs/accelerate/cpu_ds_zero2_2proc.yaml -m tests.toy_train_entry ...
 """
-import os
-import sys
+from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: sys.path[0] is tests/, put the repo root there instead
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from collections.abc import Sequence
 
-from tests.toy_task import ToyConfig, ToyTask  # noqa: E402
-from train.loop import main  # noqa: E402
+from hsd.config import run_main
+from tests.toy_task import ToyConfig, ToyTask
+from train import loop
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return loop.main(ToyTask, ToyConfig, argv)
+
 
 if __name__ == "__main__":
-    main(ToyTask, ToyConfig)
+    raise SystemExit(run_main(main))

@@ -20,6 +20,8 @@ generates those).
 """
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,7 +86,44 @@ def _load_raw(src: str, split: str):
     if None in kinds or len(kinds) != 1:
         raise ValueError(f"data source {src!r}: expected .json, .jsonl(.gz) or .parquet files, got "
                          f"{sorted({_suffix(f) for f in files})}")
-    return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    builder = kinds.pop()
+    if builder == "json":  # checked first: datasets reports a bad row without its file and line
+        bad = next((w for w in map(_json_error, files) if w), None)
+        if bad:
+            raise ValueError(bad)
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # noqa: BLE001 - datasets raises its own types; re-raised as bad input
+        raise ValueError(f"data source {src!r} could not be read ({type(err).__name__}: "
+                         f"{err.__cause__ or err})") from err
+
+
+def _json_error(path: Path) -> str | None:
+    """"<file>, line <n>: ..." for the first JSON Lines row (or JSON document) of ``path`` that does not
+    parse; None when it all parses."""
+    with (gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz")
+          else open(path, encoding="utf-8")) as fh:
+        text = fh.read()
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+        json_lines = True
+    except json.JSONDecodeError:
+        json_lines = _suffix(path).startswith(".jsonl")
+    if not json_lines:  # one JSON document
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{path}, line {err.lineno}: not valid JSON ({err.msg})"
+        return None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}, line {n}: not valid JSON ({err.msg}, column {err.colno})"
+    return None
 
 
 def _content_text(content: Any) -> str:
@@ -352,14 +391,6 @@ def tokenize_dataset(tok, ds: Iterable[Mapping[str, Any]], max_length: int | Non
 
 
 # ------------------------------------------------------------------------------------------- batching
-
-def pad_id_of(tok) -> int:
-    """The id to pad with: the tokenizer's pad token, else its eos token."""
-    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pid is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token; pass pad_id explicitly")
-    return int(pid)
-
 
 def collate(rows: Sequence[Mapping[str, Any]], pad_id: int, *,
             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:

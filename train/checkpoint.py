@@ -1,4 +1,9 @@
-"""Atomic checkpoint directories and the training state inside them.
+"""Checkpoints and model folders of a run: what they hold, how they are written atomically, when a run
+resumes from one.
+
+Run folder (`output_dir`): `config.yaml`, `metrics.jsonl`, `run_info.json`, `checkpoints/step_<n>/`,
+`best/` and `final/` (model folders: `task.save_model` output + `config.yaml` + `metrics.json` + whatever
+`task.on_save` adds; `best/` holds the best eval so far).
 
 Layout of one checkpoint (`<output_dir>/checkpoints/step_<n>/`)::
 
@@ -15,9 +20,14 @@ Atomicity: everything is written into `step_<n>.tmp-<pid>` and renamed to `step_
 (rename within one directory is atomic on POSIX), so a visible `step_<n>` is always complete. Deletion
 renames to `.trash-<pid>` first. Leftover `.tmp-`/`.trash-` directories from a crash are ignored by
 `list_checkpoints` and removed by `clean_stale`. All ranks must see the same filesystem.
+
+Start-up (`resume_plan`): an `output_dir` that already holds a run needs `resume=true` (continue from
+the latest checkpoint; its saved config must equal this run's in every key outside `resume_mutable`,
+and it must come from the same number of processes) or `overwrite=true` (`wipe_run`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -28,6 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+
+from hsd.config import config_diff, config_to_dict, save_config
+from train import distributed as dist_utils
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -184,3 +198,136 @@ def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Ten
     if unexpected:
         raise ValueError(f"checkpoint has parameters the model does not: {unexpected[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run: start-up decision, model folders, checkpoints (every rank calls these; the main process writes)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Loop position saved in every checkpoint (state.json)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per rank)
+    world_size: int = 1
+    best_value: float | None = None
+    best_step: int | None = None
+    tokens: int = 0  # tokens trained on, all ranks
+
+
+def resume_plan(cfg: Any, out: pathlib.Path, world: int) -> pathlib.Path | None:
+    """Which checkpoint to resume from (None: fresh start); ValueError for the refused cases.
+
+    Read-only, so every rank reaches the same decision (and raises the same error)."""
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is None:
+        if (out / "final").is_dir() and not cfg.overwrite:
+            raise ValueError(f"output_dir {str(out)!r} holds a finished run (final/) but no checkpoint to resume "
+                             "from; pass overwrite=true to replace it, or use another output_dir")
+        return None
+    if not cfg.resume:
+        if cfg.overwrite:
+            return None
+        raise ValueError(
+            f"output_dir {str(out)!r} already holds a run (latest checkpoint {latest.name}). Pass --resume "
+            "(resume=true) to continue it, overwrite=true to delete it and start over, or another output_dir.")
+    saved_path = latest / "config.yaml"
+    if not saved_path.is_file():
+        raise ValueError(f"checkpoint {str(latest)!r} has no config.yaml; cannot check it matches this run")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diff = config_diff(saved, config_to_dict(cfg), ignore=type(cfg).resume_mutable)
+    if diff:
+        lines = "; ".join(f"{k}: saved {a!r} != now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"cannot resume from {str(latest)!r}: its config differs in {sorted(diff)} ({lines}). Only "
+            f"{sorted(type(cfg).resume_mutable)} may change on resume; use another output_dir for a new run.")
+    saved_world = read_json(latest / "state.json").get("world_size", 1)
+    if saved_world != world:
+        raise ValueError(
+            f"checkpoint {str(latest)!r} was written by {saved_world} process(es) but this run has {world}: the "
+            "data shards (and ZeRO partitions) would not line up; resume with the same number of processes")
+    return latest
+
+
+def wipe_run(out: pathlib.Path) -> None:
+    """overwrite=true: remove the previous run's artefacts (checkpoints, best, final, metrics)."""
+    for name in ("checkpoints", "best", "final"):
+        remove(out / name)
+    for name in ("metrics.jsonl", "config.yaml", "run_info.json", "wandb_run_id"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _fresh_tmp(accelerator, final: pathlib.Path) -> pathlib.Path:
+    """An empty `<final>.tmp-<token>` (created by the main process) that every rank agrees on."""
+    tmp = tmp_dir_for(final, dist_utils.shared_token(accelerator))
+    if accelerator.is_main_process:
+        if tmp.exists():
+            remove(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    return tmp
+
+
+def write_model_dir(accelerator, model: torch.nn.Module, directory: pathlib.Path, task: Any, cfg: Any,
+                    metrics: dict) -> None:
+    """A model folder (`final/`, `best/`): `task.save_model` + config.yaml + metrics.json + `task.on_save`,
+    published atomically (collective under ZeRO-3: every rank must call)."""
+    tmp = _fresh_tmp(accelerator, directory)
+    unwrapped = accelerator.unwrap_model(model)
+    with dist_utils.gathered_parameters(accelerator, unwrapped):
+        if accelerator.is_main_process:
+            task.save_model(unwrapped, tmp)
+            save_config(cfg, tmp / "config.yaml")
+            write_json(tmp / "metrics.json", metrics)
+            task.on_save(tmp, metrics)
+            publish(tmp, directory)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, root: pathlib.Path, state: TrainState, model, optimizer, scheduler, task: Any,
+                    cfg: Any, metrics: dict) -> pathlib.Path:
+    """Write `root/step_<state.step>` (layout in the module docstring), then keep the newest `cfg.keep_last`."""
+    main, ds = accelerator.is_main_process, dist_utils.deepspeed_plugin(accelerator) is not None
+    final = root / f"step_{state.step}"
+    tmp = _fresh_tmp(accelerator, final)
+    unwrapped = accelerator.unwrap_model(model)
+    if ds:  # every rank writes its ZeRO partition of the optimizer (and model) state
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True)
+    save_rng(tmp, accelerator.process_index)
+    with dist_utils.gathered_parameters(accelerator, unwrapped):
+        if main:
+            task.save_model(unwrapped, tmp / "model")
+    if main:
+        if not ds:
+            torch.save(trainable_state_dict(unwrapped), tmp / "trainable.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_config(cfg, tmp / "config.yaml")
+        task.on_save(tmp, metrics)
+        write_json(tmp / "state.json", dataclasses.asdict(state))  # last: marks completeness
+    accelerator.wait_for_everyone()
+    if main:
+        publish(tmp, final)
+        rotate(root, cfg.keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, directory: pathlib.Path, model, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer and scheduler from `directory`; returns its TrainState (the RNG states are
+    restored separately, with `load_rng`, right before training continues)."""
+    state = TrainState(**read_json(directory / "state.json"))
+    if dist_utils.deepspeed_plugin(accelerator) is not None:
+        path, _ = model.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load {str(directory / 'deepspeed')!r}")
+    else:
+        load_trainable_state_dict(accelerator.unwrap_model(model),
+                                  torch.load(directory / "trainable.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    state.world_size = accelerator.num_processes
+    return state

@@ -1,11 +1,11 @@
 """Accelerator construction and the DeepSpeed details the loop and the trainers need.
 
 Launch modes (see configs/accelerate/*.yaml):
-* one process (`python -m train.x` or `accelerate launch --config_file configs/accelerate/cpu.yaml ...`);
+* one process (`hsd-train train <trainer>`, `python -m train.<trainer>` or `accelerate launch --config_file configs/accelerate/cpu.yaml ...`);
 * many processes with DeepSpeed ZeRO-2/3 (GPU, or CPU with gloo: `cpu_ds_zero2_2proc.yaml`);
 * many processes with plain DDP (GPU).
 
-Pitfalls handled here (research/environment.md §2): on a CPU-only machine accelerate picks no process-group
+Pitfalls handled here (docs/environment.md): on a CPU-only machine accelerate picks no process-group
 backend for DeepSpeed and silently runs world size 1 per process, so `make_accelerator` passes
 `InitProcessGroupKwargs(backend="gloo")` there, and checks `accelerator.num_processes == $WORLD_SIZE`.
 
@@ -136,15 +136,6 @@ def fill_deepspeed_config(accelerator, cfg: Any, model: torch.nn.Module | None =
                          "the cosine schedule itself (remove those sections)")
 
 
-def target_dtype(cfg: Any) -> torch.dtype:
-    """`cfg.target_dtype` as a torch dtype ("auto": bfloat16 on CUDA, float32 on CPU)."""
-    name = cfg.target_dtype
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[name]
-
-
 def shards_target(accelerator, cfg: Any) -> bool:
     """True when the frozen target is to be partitioned by ZeRO-3 (stage 3 and cfg.shard_target)."""
     return zero_stage(accelerator) == 3 and bool(getattr(cfg, "shard_target", True))
@@ -240,3 +231,42 @@ def gathered_parameters(accelerator, model: torch.nn.Module):
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-rank data
+
+
+def shard_indices(n: int, rank: int, world: int, *, seed: int | None, epoch: int = 0,
+                  drop_tail: bool = True) -> list[int]:
+    """This rank's dataset indices: a permutation seeded by (seed, epoch) (identity if seed is None),
+    truncated to a multiple of `world` when drop_tail (so every rank has the same count), strided by rank.
+    Shards of different ranks are disjoint."""
+    if seed is None:
+        order = list(range(n))
+    else:
+        g = torch.Generator()
+        g.manual_seed(int(seed) * 100_003 + int(epoch))
+        order = torch.randperm(n, generator=g).tolist()
+    if drop_tail:
+        order = order[: n - n % world]
+    return order[rank::world]
+
+
+def max_over_ranks(accelerator, value: int) -> int:
+    """Max of an int over ranks (collective when there are several)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import gather
+
+    return int(gather(torch.tensor([value], device=accelerator.device)).max())
+
+
+def shared_token(accelerator) -> int:
+    """One number all ranks agree on (the main process pid), e.g. a temporary folder's suffix."""
+    from accelerate.utils import broadcast_object_list
+
+    obj = [os.getpid()]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(obj, from_process=0)
+    return int(obj[0])

@@ -1,6 +1,7 @@
-"""Reduced draft vocabulary (EAGLE-3 ``d2t``/``t2d``) from assistant-token frequencies.
+"""Reduced draft vocabulary (EAGLE-3 ``d2t``/``t2d``, a :class:`~hsd.models.vocab.DraftVocab`) from
+assistant-token frequencies.
 
-Recipe (research/eagle3_training.md §2.3): count target token ids where ``loss_mask == 1``; keep the
+Recipe (docs/eagle3_contract.md, "Draft vocabulary"): count target token ids where ``loss_mask == 1``; keep the
 ``Vd`` most frequent, ties broken by the smaller id (sort key ``(-count, id)``, so the result does not
 depend on data order); when fewer than ``Vd`` ids were seen, pad with the lowest unused ids; sort the
 kept ids ascending -> ``used``. Then ``d2t[i] = used[i] - i`` (an offset: ``target_id = i + d2t[i]``)
@@ -12,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+
+from hsd.models.vocab import DraftVocab
 
 
 def token_counts(rows: Iterable[Mapping[str, Any]], target_vocab_size: int) -> torch.Tensor:
@@ -52,19 +55,9 @@ def select_ids(counts: torch.Tensor, draft_vocab_size: int) -> torch.Tensor:
     return torch.sort(seen).values
 
 
-def mapping_from_ids(used: torch.Tensor, target_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending unique target ids [Vd] -> (d2t LongTensor [Vd] offsets, t2d BoolTensor [V])."""
-    used = torch.as_tensor(used, dtype=torch.long)
-    d2t = used - torch.arange(used.numel())
-    t2d = torch.zeros(target_vocab_size, dtype=torch.bool)
-    t2d[used] = True
-    check_draft_vocab(d2t, t2d)
-    return d2t, t2d
-
-
 def build_draft_vocab(rows: Iterable[Mapping[str, Any]], target_vocab_size: int,
-                      draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Draft vocabulary from tokenized rows (``input_ids``/``loss_mask``) -> (d2t [Vd], t2d [V], coverage).
+                      draft_vocab_size: int) -> tuple[DraftVocab, float]:
+    """Draft vocabulary from tokenized rows (``input_ids``/``loss_mask``) -> (DraftVocab, coverage).
 
     ``coverage`` is the fraction of assistant tokens whose id is in the draft vocabulary (1.0 when every
     assistant token is kept; 0.0 for data without assistant tokens). ``draft_vocab_size`` larger than
@@ -74,37 +67,11 @@ def build_draft_vocab(rows: Iterable[Mapping[str, Any]], target_vocab_size: int,
         raise ValueError(f"draft_vocab_size ({draft_vocab_size}) is larger than the target vocabulary "
                          f"({target_vocab_size})")
     counts = token_counts(rows, target_vocab_size)
-    used = select_ids(counts, draft_vocab_size)
-    d2t, t2d = mapping_from_ids(used, target_vocab_size)
+    vocab = DraftVocab.from_target_ids(select_ids(counts, draft_vocab_size), target_vocab_size)
+    return vocab, coverage(counts, vocab)
+
+
+def coverage(counts: torch.Tensor, vocab: DraftVocab) -> float:
+    """Fraction of the counted tokens (``token_counts``) whose id is in ``vocab`` (0.0 when none counted)."""
     total = int(counts.sum())
-    coverage = float(counts[used].sum()) / total if total else 0.0
-    return d2t, t2d, coverage
-
-
-def draft_to_target_ids(d2t: torch.Tensor) -> torch.Tensor:
-    """Target id of every draft id: ``arange(Vd) + d2t`` -> LongTensor [Vd]."""
-    return torch.arange(d2t.numel(), device=d2t.device) + d2t
-
-
-def check_draft_vocab(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless d2t [Vd] and t2d [V] describe the same strictly ascending id set.
-
-    Invariants: d2t is int64 and 1-D, t2d bool and 1-D, ``t2d.sum() == Vd``, the target ids
-    ``arange(Vd) + d2t`` are strictly ascending, inside ``[0, V)``, and equal ``nonzero(t2d)``.
-    """
-    if d2t.dim() != 1 or d2t.dtype != torch.long:
-        raise ValueError(f"d2t must be a 1-D int64 tensor, got {tuple(d2t.shape)} {d2t.dtype}")
-    if t2d.dim() != 1 or t2d.dtype != torch.bool:
-        raise ValueError(f"t2d must be a 1-D bool tensor, got {tuple(t2d.shape)} {t2d.dtype}")
-    Vd, V = d2t.numel(), t2d.numel()
-    if Vd > V:
-        raise ValueError(f"d2t has {Vd} entries but the target vocabulary (t2d) only {V}")
-    if int(t2d.sum()) != Vd:
-        raise ValueError(f"t2d marks {int(t2d.sum())} target ids but d2t has {Vd} draft ids")
-    target = draft_to_target_ids(d2t.cpu())
-    if Vd and (int(target.min()) < 0 or int(target.max()) >= V):
-        raise ValueError(f"d2t maps draft ids outside the target vocabulary [0, {V})")
-    if Vd > 1 and not bool((target[1:] > target[:-1]).all()):
-        raise ValueError("d2t target ids (arange(Vd) + d2t) must be strictly ascending")
-    if not torch.equal(target, torch.nonzero(t2d.cpu()).flatten()):
-        raise ValueError("d2t and t2d disagree: nonzero(t2d) != arange(Vd) + d2t")
+    return float(counts[vocab.target_ids.cpu()].sum()) / total if total else 0.0

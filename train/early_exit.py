@@ -1,7 +1,8 @@
 """Train early-exit verifier heads (HiSpec-style intermediate verifiers) on a frozen target.
 
+    hsd-train train early-exit --config configs/early_exit/smollm2-135m.yaml [--resume] [key=value ...]
     python -m train.early_exit --config configs/early_exit/smollm2-135m.yaml [--resume] [key=value ...]
-    accelerate launch --config_file configs/accelerate/gpu1.yaml train/early_exit.py --config ...
+    accelerate launch --config_file configs/accelerate/gpu1.yaml -m train.early_exit --config ...
 
 One frozen-target forward per batch (no grad; bf16 on GPU, fp32 on CPU) captures ``h_l`` for every
 candidate exit layer (default L/8, L/4, 3L/8, L/2) and the final logits; one head per layer (all of the
@@ -24,9 +25,10 @@ Metrics per layer ``l`` (logged as ``train/<name>`` and ``eval/<name>``; means o
 ``best_metric`` is ``eval/alpha_mean`` (max) or, with ``best_layer: l``, ``eval/alpha_L<l>``.
 
 The lens baseline is also evaluated once at setup (before any training) and written to
-``<output_dir>/lens_baseline.json``. Each saved model directory holds ``layer_<l>/`` (one
-``EarlyExitHead.from_pretrained``-able folder per layer), ``exit_metrics.json`` (per-layer lens vs
-trained metrics); checkpoints and ``final/`` also get the plot ``exit_quality.png``.
+``<output_dir>/lens_baseline.json``. Every saved model folder and checkpoint (``best/``, ``final/``,
+``checkpoints/step_<n>/``) holds ``layer_<l>/`` (one ``EarlyExitHead.from_pretrained``-able folder per
+layer), ``exit_metrics.json`` (per-layer lens vs trained metrics, from the metrics saved with it) and the
+plot ``exit_quality.png``.
 
 Residual-stream rule: the target is frozen and never inside the trainable module; every training step
 re-checks that no target parameter requires grad and no adapter was injected into it, and every save
@@ -36,22 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import pathlib
-import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-if __package__ in (None, ""):  # `accelerate launch train/early_exit.py`: put the repo root on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from hsd.models import capture as cap  # noqa: E402
-from hsd.models.early_exit import (  # noqa: E402
-    HEAD_TYPES,
+from hsd.config import run_main
+from hsd.models import capture as cap
+from hsd.models import resolve
+from hsd.models.early_exit import (
     EarlyExitConfig,
     EarlyExitHead,
     ResidualStreamError,
@@ -60,9 +57,10 @@ from hsd.models.early_exit import (  # noqa: E402
     default_exit_layers,
     target_checksum,
 )
-from train.chat_data import split_rows  # noqa: E402
-from train.config import BaseTrainConfig  # noqa: E402
-from train.loop import TrainTask, main  # noqa: E402
+from train import chat_data, common, draft_vocab, loop
+from train import distributed as dist_utils
+from train.config import BaseTrainConfig
+from train.metrics import MetricSums
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -75,7 +73,7 @@ class EarlyExitTrainConfig(BaseTrainConfig):
 
     output_dir: str = "runs/early_exit"
     exit_layers: list[int] = dataclasses.field(default_factory=list)  # [] = L/8, L/4, 3L/8, L/2 (rounded)
-    head_type: str = "affine"  # affine | lowrank | mlp | attn  (lens = the baseline, always evaluated)
+    head_type: Literal["affine", "lowrank", "mlp", "attn"] = "affine"  # the lens baseline is always evaluated
     rank: int = 64  # lowrank only
     lora_alpha: float = 0.0  # lowrank scaling alpha / rank; 0 = rank (scaling 1)
     intermediate_size: int = 0  # mlp only; 0 = target hidden size
@@ -89,14 +87,9 @@ class EarlyExitTrainConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}")
-        if self.head_type == "lens":
-            raise ValueError("head_type 'lens' has no trainable parameter (it is the baseline every run "
-                             "evaluates); choose affine, lowrank, mlp or attn")
         if self.head_type == "lowrank" and self.rank <= 0:
             raise ValueError(f"rank must be > 0 for head_type lowrank, got {self.rank}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+        if not (self.temperature > 0 and self.temperature != float("inf")):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         bad = [x for x in self.exit_layers if x < 1]
         if bad:
@@ -221,7 +214,7 @@ class EarlyExitHeads(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-class EarlyExitTask(TrainTask):
+class EarlyExitTask(loop.TrainTask):
     """TrainTask for early-exit heads (see the module docstring)."""
 
     best_metric = "eval/alpha_mean"
@@ -233,74 +226,62 @@ class EarlyExitTask(TrainTask):
             self.best_metric = f"eval/alpha_L{config.best_layer}"
         self._model: EarlyExitHeads | None = None
         self.lens_metrics: dict[str, float] = {}
-        self.last_means: dict[str, float] = {}
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self, accelerator) -> None:
-        from hsd.models import resolve
-        from train import chat_data
-        from train import distributed as dist_utils
-
-        cfg = self.config
         self.accelerator = accelerator
-        if dist_utils.shards_target(accelerator, cfg):
+        self._setup_target()
+        self._train, self._eval, self.data_stats = common.load_rows(
+            self.config, self.tokenizer, common.vocab_size(self.target), self.print)
+        self._setup_vocab()
+        self._lens = {layer: self._make_head(layer, "lens") for layer in self.layers}
+        cfg = self.config
+        self.print(f"early exit: target {cfg.target} ({cap.num_layers(self.target)} layers), exit layers "
+                   f"{self.layers}, head {cfg.head_type}, {len(self._train)} train / {len(self._eval)} eval conversations")
+        if cfg.lens_baseline and self._eval:
+            self._setup_lens_baseline()
+
+    def _setup_target(self) -> None:
+        """Frozen target and the exit layers it has (and its checksum, to prove it never changes)."""
+        cfg = self.config
+        if dist_utils.shards_target(self.accelerator, cfg):
             raise ValueError("shard_target=true under ZeRO-3 is not supported by the early-exit trainer (the "
                              "heads call the target's final norm and LM head directly); set shard_target=false "
                              "(target replicated per GPU, heads sharded) or use ZeRO-2")
-        dtype = dist_utils.target_dtype(cfg)
-        with dist_utils.target_init_context(accelerator, cfg):
-            target, tok = resolve.load_target(cfg.target, dtype=dtype, device="cpu")
-        self.target = dist_utils.prepare_frozen_target(accelerator, target, cfg)
-        self.tokenizer = tok
+        self.target, self.tokenizer = common.load_target(cfg, self.accelerator)
+        self.pad_id = resolve.pad_id_of(self.tokenizer)
         n = cap.num_layers(self.target)
         self.layers = sorted(cfg.exit_layers) if cfg.exit_layers else default_exit_layers(n)
         for layer in self.layers:
             check_exit_layer(layer, n)
         if cfg.best_layer and cfg.best_layer not in self.layers:
             raise ValueError(f"best_layer {cfg.best_layer} is not one of the exit layers {self.layers}")
-        self.pad_id = chat_data.pad_id_of(tok)
-
-        conversations = chat_data.load_conversations(list(cfg.data))
-        tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length,
-                                                overflow=cfg.overflow)
-        rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
-        rows = [r for r in rows if sum(r["loss_mask"][1:]) > 0]  # nothing to learn from otherwise
-        if not rows:
-            raise ValueError(f"data {cfg.data}: no example with assistant tokens after tokenisation ({stats})")
-        self._train, self._eval = split_rows(rows, cfg.eval_fraction, cfg.seed)
-        self.data_stats = stats
-
-        self.d2t = None
-        vocab = int(self.target.config.vocab_size)
-        if cfg.draft_vocab_size:
-            if cfg.draft_vocab_size > vocab:
-                raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} exceeds the target vocab {vocab}")
-            from train import draft_vocab
-
-            self.d2t, _, coverage = draft_vocab.build_draft_vocab(
-                self._train, target_vocab_size=vocab, draft_vocab_size=cfg.draft_vocab_size)
-            self.d2t = torch.as_tensor(self.d2t, dtype=torch.long)
-            self._print(f"draft vocab: {cfg.draft_vocab_size} of {vocab} tokens, "
-                        f"coverage {coverage:.4f} of assistant tokens")
+        vocab = common.vocab_size(self.target)
+        if cfg.draft_vocab_size > vocab:
+            raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} exceeds the target vocab {vocab}")
         self.target_checksum = target_checksum(self.target)
-        self._lens = {layer: self._make_head(layer, "lens") for layer in self.layers}
-        self._print(f"early exit: target {cfg.target} ({n} layers), exit layers {self.layers}, head {cfg.head_type}, "
-                    f"{len(self._train)} train / {len(self._eval)} eval conversations")
-        if cfg.lens_baseline and self._eval:
-            self.lens_metrics = self._evaluate_lens()
-            lines = ", ".join(f"L{layer}: α={self.lens_metrics[f'lens_alpha_L{layer}']:.4f} "
-                              f"top1={self.lens_metrics[f'lens_top1_L{layer}']:.4f}" for layer in self.layers)
-            self._print(f"lens baseline (before training, eval set): {lines}")
-            if accelerator.is_main_process:
-                out = pathlib.Path(cfg.output_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "lens_baseline.json").write_text(json.dumps(
-                    {"layers": self.layers, "metrics": self.lens_metrics,
-                     "per_layer": summarise(self.lens_metrics, self.layers)}, indent=2))
 
-    def _print(self, msg: str) -> None:
+    def _setup_vocab(self) -> None:
+        cfg, vocab = self.config, common.vocab_size(self.target)
+        self.vocab = None
+        if cfg.draft_vocab_size:
+            self.vocab, coverage = draft_vocab.build_draft_vocab(self._train, vocab, cfg.draft_vocab_size)
+            self.print(f"draft vocab: {cfg.draft_vocab_size} of {vocab} tokens, "
+                       f"coverage {coverage:.4f} of assistant tokens")
+
+    def _setup_lens_baseline(self) -> None:
+        """The untrained lens on the eval set, before any training: printed and lens_baseline.json."""
+        cfg = self.config
+        self.lens_metrics = self._evaluate_lens()
+        lines = ", ".join(f"L{layer}: α={self.lens_metrics[f'lens_alpha_L{layer}']:.4f} "
+                          f"top1={self.lens_metrics[f'lens_top1_L{layer}']:.4f}" for layer in self.layers)
+        self.print(f"lens baseline (before training, eval set): {lines}")
         if self.accelerator.is_main_process:
-            print(msg, flush=True)
+            out = pathlib.Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "lens_baseline.json").write_text(json.dumps(
+                {"layers": self.layers, "metrics": self.lens_metrics,
+                 "per_layer": summarise(self.lens_metrics, self.layers)}, indent=2))
 
     def _make_head(self, layer: int, head_type: str) -> EarlyExitHead:
         cfg = self.config
@@ -312,8 +293,8 @@ class EarlyExitTask(TrainTask):
             base_model_revision=cfg.target_revision or None, num_attention_heads=cfg.attn_num_heads,
             num_key_value_heads=cfg.attn_num_kv_heads)
         head = EarlyExitHead(hcfg)
-        if self.d2t is not None:
-            head.set_draft_vocab(self.d2t)
+        if self.vocab is not None:
+            head.set_draft_vocab(self.vocab)
         return head.to(self.accelerator.device).attach_target(self.target)
 
     def model(self) -> EarlyExitHeads:
@@ -331,8 +312,6 @@ class EarlyExitTask(TrainTask):
         return self._eval or None
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        from train import chat_data
-
         return chat_data.collate(rows, self.pad_id)
 
     # -- forward pieces ---------------------------------------------------------------------------------
@@ -346,16 +325,12 @@ class EarlyExitTask(TrainTask):
         return [c.hidden_states[layer] for layer in self.layers], sel, target_logits
 
     def _draft_ids(self, device) -> torch.Tensor | None:
-        if self.d2t is None:
-            return None
-        return (self.d2t + torch.arange(self.d2t.numel())).to(device)
+        return None if self.vocab is None else self.vocab.target_ids.to(device)
 
     def _evaluate_lens(self) -> dict[str, float]:
         """Lens metrics over the whole eval set (this rank's shard, reduced over ranks)."""
-        from train.loop import MetricSums, shard_indices
-
         acc, bs = self.accelerator, self.config.batch_size
-        idx = shard_indices(len(self._eval), acc.process_index, acc.num_processes, seed=None, drop_tail=False)
+        idx = dist_utils.shard_indices(len(self._eval), acc.process_index, acc.num_processes, seed=None, drop_tail=False)
         sums = MetricSums()
         for i in range(0, len(idx), bs):
             batch = {k: v.to(acc.device) for k, v in self.collate([self._eval[j] for j in idx[i:i + bs]]).items()}
@@ -410,7 +385,6 @@ class EarlyExitTask(TrainTask):
             out["lens_alpha_mean"] = sum(lens) / len(lens)
             if "alpha_mean" in out:
                 out["alpha_gain"] = out["alpha_mean"] - out["lens_alpha_mean"]
-            self.last_means = {**means, **out}  # eval means (only eval batches carry lens metrics)
         return out
 
     # -- saving -------------------------------------------------------------------------------------------
@@ -440,20 +414,8 @@ class EarlyExitTask(TrainTask):
 
     def save_model(self, model, directory: pathlib.Path) -> None:
         self.check_target_unchanged()
-        directory = pathlib.Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # one "Writing model shards" bar per head is noise
-        try:
-            for layer in model.layers:
-                model.head(layer).save_pretrained(directory / f"layer_{layer}")
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        summary = self._summary({f"eval/{k}": v for k, v in self.last_means.items()})
-        (directory / "exit_metrics.json").write_text(json.dumps(summary, indent=2))
+        for layer in model.layers:
+            common.save_pretrained_quietly(model.head(layer), pathlib.Path(directory) / f"layer_{layer}")
 
     def on_save(self, directory: pathlib.Path, metrics: dict) -> None:
         summary = self._summary(metrics)
@@ -465,5 +427,10 @@ class EarlyExitTask(TrainTask):
                           f"({summary['metrics_from']} metrics), T={self.config.temperature}")
 
 
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`--config path.yaml [--resume] [--overwrite] [key=value ...]` (see the module docstring)."""
+    return loop.main(EarlyExitTask, EarlyExitTrainConfig, argv)
+
+
 if __name__ == "__main__":
-    main(EarlyExitTask, EarlyExitTrainConfig)
+    raise SystemExit(run_main(main))

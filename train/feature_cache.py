@@ -11,7 +11,8 @@ Layout of a cache folder:
 
 ``FeatureCache`` is a map-style ``torch.utils.data.Dataset`` yielding, per conversation,
 ``input_ids`` [S] long, ``loss_mask`` [S] long, ``aux_hidden`` [S, 3H] and ``final_hidden`` [S, H]
-(float32 unless asked otherwise); ``collate_features`` right-pads a list of them.
+(float32 unless asked otherwise); ``collate_features`` right-pads a list of them; ``token_rows`` lists
+the token ids and masks of every row without reading hidden states (what a trainer splits and batches).
 """
 from __future__ import annotations
 
@@ -77,6 +78,39 @@ class FeatureCache(torch.utils.data.Dataset):
             self._open[k] = handle
             self._offsets[k] = handle.get_tensor("offsets").tolist()
         return self._open[k], self._offsets[k]
+
+    def token_rows(self, max_length: int, overflow: str = "truncate") -> tuple[list[dict], dict[str, Any]]:
+        """``[{"row_id", "input_ids", "loss_mask"}]`` of every cached conversation (no hidden state read), with
+        ``max_length`` applied as ``overflow`` says ("truncate" or "drop"), and the counts of
+        ``train.chat_data.tokenize_dataset``. ValueError when no row is left."""
+        stats = dict(rows=0, kept=0, truncated=0, dropped_too_long=0, dropped_no_assistant=0, tokens=0,
+                     assistant_tokens=0, max_length=max_length, overflow=overflow,
+                     source=f"feature cache {self.directory}")
+        rows: list[dict] = []
+        for k in range(int(self.meta["num_shards"])):
+            handle, offsets = self._shard(k)
+            ids, mask = handle.get_tensor("input_ids"), handle.get_tensor("loss_mask")
+            for r in range(len(offsets) - 1):
+                a, b = offsets[r], offsets[r + 1]
+                stats["rows"] += 1
+                row = {"row_id": k * self.shard_size + r, "input_ids": ids[a:b].tolist(),
+                       "loss_mask": mask[a:b].long().tolist()}
+                if len(row["input_ids"]) > max_length:
+                    if overflow == "drop":
+                        stats["dropped_too_long"] += 1
+                        continue
+                    row["input_ids"], row["loss_mask"] = row["input_ids"][:max_length], row["loss_mask"][:max_length]
+                    stats["truncated"] += 1
+                if not any(row["loss_mask"]):
+                    stats["dropped_no_assistant"] += 1
+                    continue
+                stats["kept"] += 1
+                stats["tokens"] += len(row["input_ids"])
+                stats["assistant_tokens"] += sum(row["loss_mask"])
+                rows.append(row)
+        if not rows:
+            raise ValueError(f"feature cache {str(self.directory)!r}: no conversation left ({stats})")
+        return rows, stats
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

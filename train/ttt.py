@@ -26,11 +26,11 @@ rounding (tests/test_eagle3_ttt.py checks loss and gradients):
 Right padding is assumed (real tokens form a prefix), so causal masking alone keeps padding out of every
 real row.
 
-Teacher and masks (research §2.5): teacher rows are the positions ``u`` whose next token ``x[u+1]`` is an
-assistant token (``loss_mask[u+1] = 1``); only those rows of the target's LM head are computed. Per row:
-``teacher = softmax(L[u][draft_ids])`` (target restricted to the draft vocabulary and renormalised),
-``p_draft = softmax(L[u])[draft_ids]`` (not renormalised; for alpha), ``top1 = argmax L[u]`` (full
-vocabulary), ``in_vocab = t2d[top1]``.
+Teacher and masks (docs/eagle3_contract.md, "Loss"): teacher rows are the positions ``u`` whose next
+token ``x[u+1]`` is an assistant token (``loss_mask[u+1] = 1``); only those rows of the target's LM head
+are computed. Per row, with ``draft_ids = vocab.target_ids``: ``teacher = softmax(L[u][draft_ids])``
+(target restricted to the draft vocabulary and renormalised), ``p_draft = softmax(L[u])[draft_ids]``
+(not renormalised; for alpha), ``top1 = argmax L[u]`` (full vocabulary), ``in_vocab = vocab.t2d[top1]``.
 
 Loss: ``loss_k = sum_rows ce_k * in_vocab / max(1, sum_rows in_vocab)`` over step k's teacher rows, with
 ``ce = -sum_v teacher_v log q_v`` (soft-label CE = forward KL up to a constant). The normaliser is the
@@ -59,7 +59,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hsd.models.eagle3 import Eagle3DraftModel, repeat_kv
+from hsd.models.eagle3 import Eagle3DraftModel
+from hsd.models.layers import repeat_kv
+from hsd.models.vocab import DraftVocab
 
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -91,10 +93,6 @@ def teacher_rows(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None = 
 def step_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
     """[B, S] bool: rows t of TTT step k that are scored (teacher row t + k + 1 exists)."""
     return shift_left(rows, k + 1)
-
-
-def step_weights(steps: int, gamma: float) -> list[float]:
-    return [float(gamma) ** k for k in range(steps)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,41 +226,40 @@ class TeacherParts:
 
 
 @torch.no_grad()
-def teacher_parts(row_logits: torch.Tensor, draft_ids: torch.Tensor) -> TeacherParts:
+def teacher_parts(row_logits: torch.Tensor, vocab: DraftVocab) -> TeacherParts:
     """row_logits [N, V] (target logits at the teacher rows) -> TeacherParts."""
     logits = row_logits.float()
-    return TeacherParts(logits_draft=logits[:, draft_ids.to(logits.device)],
+    return TeacherParts(logits_draft=logits[:, vocab.target_ids.to(logits.device)],
                         logsumexp=torch.logsumexp(logits, -1), top1=logits.argmax(-1))
 
 
 @torch.no_grad()
-def targets_from_parts(parts: TeacherParts, rows: torch.Tensor, t2d: torch.Tensor) -> TTTTargets:
+def targets_from_parts(parts: TeacherParts, rows: torch.Tensor, vocab: DraftVocab) -> TTTTargets:
     """TeacherParts of the rows marked in ``rows`` [B, S] (row-major) -> TTTTargets."""
     n = int(rows.sum())
     if parts.logits_draft.shape[0] != n:
         raise ValueError(f"teacher has {parts.logits_draft.shape[0]} rows but rows marks {n}")
     ld = parts.logits_draft.float()
     return TTTTargets(rows=rows, teacher=torch.softmax(ld, -1), p_draft=torch.exp(ld - parts.logsumexp[:, None]),
-                      top1=parts.top1, in_vocab=t2d.to(ld.device)[parts.top1],
+                      top1=parts.top1, in_vocab=vocab.t2d.to(ld.device)[parts.top1],
                       position=torch.nonzero(rows)[:, 1])
 
 
 @torch.no_grad()
-def build_targets(row_logits: torch.Tensor, rows: torch.Tensor, draft_ids: torch.Tensor,
-                  t2d: torch.Tensor) -> TTTTargets:
+def build_targets(row_logits: torch.Tensor, rows: torch.Tensor, vocab: DraftVocab) -> TTTTargets:
     """row_logits [N, V] (target logits at ``rows``, row-major) -> TTTTargets."""
-    if row_logits.shape[-1] != t2d.numel():
-        raise ValueError(f"row_logits vocab {row_logits.shape[-1]} != t2d size {t2d.numel()} (target vocab)")
+    if row_logits.shape[-1] != vocab.vocab_size:
+        raise ValueError(f"row_logits vocab {row_logits.shape[-1]} != the target vocabulary {vocab.vocab_size}")
     if row_logits.shape[0] != int(rows.sum()):
         raise ValueError(f"row_logits has {row_logits.shape[0]} rows but rows marks {int(rows.sum())}")
-    return targets_from_parts(teacher_parts(row_logits, draft_ids), rows, t2d)
+    return targets_from_parts(teacher_parts(row_logits, vocab), rows, vocab)
 
 
-def ttt_loss(step_logits: Sequence[torch.Tensor], targets: TTTTargets, draft_ids: torch.Tensor,
+def ttt_loss(step_logits: Sequence[torch.Tensor], targets: TTTTargets, vocab: DraftVocab,
              gamma: float = 0.8) -> tuple[torch.Tensor, Metrics]:
     """Weighted TTT loss and per-step metrics from ``ttt_unroll`` logits ([N_k, Vd] per step)."""
     rows = targets.rows
-    ids = draft_ids.to(rows.device)
+    ids = vocab.target_ids.to(rows.device)
     total = torch.zeros((), device=rows.device)
     metrics: Metrics = {}
     chain = torch.ones_like(rows)  # rows whose earlier drafts were all scored and right

@@ -1,4 +1,6 @@
-"""Command line of the exporter (``scripts/export.py`` and ``hsd-train export``).
+"""Export a trained head to the Hub layout vLLM and SGLang load, validate it, optionally push it.
+
+Command line of the exporter (``scripts/export.py`` and ``hsd-train export``).
 
     python scripts/export.py HEAD_DIR --out OUT_DIR [--dtype bfloat16|float16|float32]
         [--format native|speculators] [--target NAME_OR_DIR] [--push-to-hub REPO_ID [--private]

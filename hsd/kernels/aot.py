@@ -1,72 +1,117 @@
 """Ahead-of-time compile check of the verification kernels for an NVIDIA GPU, without a GPU.
 
-The Triton wheel ships the CUDA backend and ptxas, so every kernel variant can be compiled to a
-cubin on a CPU-only machine. That catches what the interpreter (TRITON_INTERPRET=1) does not:
-types that only the compiler checks, unsupported constructs, register spills.
+The Triton wheel ships the CUDA backend and ptxas, so every kernel variant can be compiled to a cubin on
+a CPU-only machine. That catches what the interpreter (TRITON_INTERPRET=1) does not: types that only
+the compiler checks, unsupported constructs, register spills.
 
-    python -m hsd.kernels.aot [--arch 90] [--dtype bf16]
+    python -m hsd.kernels.aot [--arch 90] [--dtype bf16] [--quick] [--jobs N]
 
-Must run with TRITON_INTERPRET unset (under the interpreter @triton.jit builds no compilable kernel).
-Prints one line per kernel variant (registers, local memory) and exits 1 on a spill or an error.
-Variants: every constexpr combination at production sizes, plus the K = NB = V = 1 specialisations.
+Each variant is the launch a real call makes: the serving plan (``hsd.verify.VerifyPlan``) builds its
+``Launch`` records on CPU tensors of the production shapes, and Triton's own binder derives the runtime
+specialisation from them, exactly as at launch time: the divisibility-by-16 attributes of V, the row
+strides and the pointers (V = 128,256 and 151,936 are multiples of 16, V = 32,001 is not, and the
+loads vectorise only in the first case), and the constexpr flags (method, draft rows / none / draft
+vocabulary, probabilities / logits, Philox / explicit uniforms, block and tile sizes).
+
+Prints one line per distinct variant (registers, stack frame, local memory, spill stores/loads) and
+exits 1 on an error or a spill (a non-zero stack frame or local memory). Must run with TRITON_INTERPRET
+unset (under the interpreter @triton.jit builds no compilable kernel). --quick compiles a covering
+subset (every flag combination once, both divisibility cases, the largest tile) for CI.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 
-from . import verify_kernels as kern
-
-# Pointer arguments that are not float32 buffers; INPUT is the dtype of p, q (or the logits).
-POINTERS = {"tok_ptr": "*i64", "n_ptr": "*i64", "out_ptr": "*i64",
-            "p_ptr": "INPUT", "q_ptr": "INPUT", "x_ptr": "INPUT"}
-
-
-def signature(fn, constexprs: dict, input_type: str) -> dict[str, str]:
-    """Triton signature of a kernel as launch.py calls it."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            t = POINTERS.get(name, "*fp32")
-            sig[name] = input_type if t == "INPUT" else t
-        elif name == "temperature":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (label, B, K, V): production shapes. B = 8, V = 128,256: 4096-blocks, 8 warps. B = 1, V = 151,936:
+# 1024-blocks, NB = 149 -> the largest decide tile [K_POW2 = 16, NB_POW2 = 256] at 4 warps. V = 32,001:
+# not a multiple of 16 (scalar loads). V = 1: Triton turns an integer argument equal to 1 into a constant.
+SHAPES = [("llama3", 8, 8, 128256), ("qwen2-b1", 1, 8, 151936), ("odd-vocab", 8, 8, 32001), ("tiny", 3, 2, 1)]
+FLAGS = [dict(method=m, inputs=i, draft=d, rng=r)
+         for m, i, d, r in itertools.product(("tokenwise", "hsd"), ("probs", "logits"), ("probs", "none", "vocab"),
+                                             ("philox", "explicit"))]
 
 
-def variants(block_v: int = 4096, k_pow2: int = 16, nb_pow2: int = 64):
-    """(kernel, constexprs, num_warps) for every variant that launch.py can launch."""
-    yield kern._row_stats_kernel, {"BLOCK_V": block_v}, 8
-    for has_q, logits in itertools.product((True, False), repeat=2):
-        flags = {"HAS_Q": has_q, "LOGITS": logits}
-        yield kern._partials_kernel, {**flags, "BLOCK_V": block_v}, 8
-        for method in (0, 1):
-            c = {"METHOD": method, **flags, "K_POW2": k_pow2, "NB_POW2": nb_pow2}
-            yield kern._scalars_kernel, c, 4
-            yield kern._decide_kernel, {**c, "BLOCK_V": block_v}, 4
+def call_args(shape, flags, dtype, tokens_dtype=torch.int32):
+    """(plan, args, kwargs) of a serving call with CPU tensors of the given shape and flags; the block
+    size is the one a CUDA device would get."""
+    from hsd.kernels.launch import choose_block_v
+    from hsd.verify.serving import VerifyPlan
+
+    _, b, k, v = shape
+    logits = flags["inputs"] == "logits"
+    pdtype = dtype if logits or dtype != torch.float16 else torch.bfloat16  # fp16 probabilities are refused
+    d2t = None
+    vq = v
+    if flags["draft"] == "vocab" and v > 1:
+        vq = max(1, v // 12)  # SmolLM2-like ratio: the draft vocabulary 12x smaller
+        d2t = torch.arange(vq) * (v // vq) - torch.arange(vq)
+    block_v = choose_block_v(b * (k + 1), v, torch.device("cuda"))
+    plan = VerifyPlan(max_batch=b, max_draft=k, vocab=v, method=flags["method"], inputs=flags["inputs"],
+                      draft_vocab=d2t, backend="triton", device="cpu", block_v=block_v)
+    tokens = torch.zeros(b, k, dtype=tokens_dtype)
+    target = torch.empty(b, k + 1, v, dtype=pdtype)
+    draft = None if flags["draft"] == "none" else torch.empty(b, k, vq, dtype=pdtype)
+    kw = dict(temperature=torch.ones(b))
+    if flags["rng"] == "philox":
+        kw.update(seeds=torch.zeros(b, dtype=torch.int64), steps=torch.zeros(b, dtype=torch.int64))
+    else:
+        kw.update(uniforms=(torch.zeros(b, k), torch.zeros(b)))
+    if logits and flags.get("lse", True):
+        kw.update(target_lse=torch.zeros(b, k + 1), draft_lse=torch.zeros(b, k))
+    return plan, (tokens, target, draft), kw
 
 
-# Triton turns integer arguments equal to 1 into constants at launch (K = 1, a single vocabulary
-# block NB = 1, V = 1): those specialisations type-check differently, so they are compiled too.
-ONES = {"K": 1, "NB": 1, "V": 1}
+def configurations(quick: bool) -> list[tuple[tuple, dict, torch.dtype]]:
+    """(shape, flags, token dtype) of every call to compile. Full: every flag combination on every
+    production shape, the row pass (logits without a producer LSE), a tiny shape and the one-shot
+    entry points (int64 ids). Quick: each (method, inputs, draft) combination once, alternating the
+    divisible and the odd vocabulary and the two RNG modes, plus the largest tile, the row pass and V = 1."""
+    conf = []
+    if quick:
+        for i, flags in enumerate(f for f in FLAGS if f["rng"] == "philox"):
+            shape = SHAPES[0] if i % 2 == 0 else SHAPES[2]
+            conf.append((shape, {**flags, "rng": "philox" if i % 4 < 2 else "explicit"}, torch.int32))
+        big = dict(method="hsd", inputs="logits", draft="probs", rng="philox")
+        conf += [(SHAPES[1], big, torch.int32), (SHAPES[1], {**big, "draft": "vocab"}, torch.int32),
+                 (SHAPES[0], {**big, "lse": False}, torch.int32), (SHAPES[2], {**big, "lse": False}, torch.int32),
+                 (SHAPES[3], big, torch.int32), (SHAPES[3], {**big, "method": "tokenwise", "inputs": "probs"},
+                                                 torch.int32)]
+        return conf
+    for shape in SHAPES[:3]:
+        conf += [(shape, flags, torch.int32) for flags in FLAGS]
+        conf.append((shape, dict(method="hsd", inputs="logits", draft="probs", rng="philox", lse=False), torch.int32))
+    conf += [(SHAPES[3], flags, torch.int32) for flags in FLAGS if flags["rng"] == "philox"]
+    conf += [(SHAPES[0], flags, torch.int64) for flags in FLAGS  # hsd.verify.verify(backend="triton")
+             if flags["rng"] == "explicit" and flags["draft"] != "vocab"]
+    return conf
+
+
+def launch_variants(quick: bool, dtype) -> list:
+    """(label, flags, Launch) of every configuration (deduplicated later by their specialisation)."""
+    records = []
+    for shape, flags, tokens_dtype in configurations(quick):
+        plan, args, kw = call_args(shape, flags, dtype, tokens_dtype)
+        label = shape[0] + ("/int64-ids" if tokens_dtype == torch.int64 else "")
+        records += [(label, flags, ln) for ln in plan.launches(*args, **kw)]
+    return records
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG / STACK / LOCAL of a cubin, from the cuobjdump bundled with Triton ({} if it is absent)."""
+    """REG / STACK / SHARED / LOCAL of a cubin, from the cuobjdump bundled with Triton ({} if absent)."""
+    import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return {}
@@ -74,42 +119,83 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def specialise(ln, arch: int):
+    """(key, ASTSource, options) of a Launch as the runtime would compile it for sm_<arch>."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kernel = ln.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, opts = binder(*ln.args, **ln.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(ln.kwargs), bound, spec, opts)
+    key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())),
+           tuple(sorted((k, str(v)) for k, v in attrs.items())), ln.kwargs.get("num_warps"))
+    return key, ASTSource(kernel, signature, constexprs, attrs), options, target
+
+
+_ITEMS: list = []  # the variants, shared with forked workers (launch records hold tensors and kernels)
+
+
+def _compile(index: int):
+    """Worker: compile variant ``index``; returns its report line and whether it failed."""
+    label, desc, ln, arch = _ITEMS[index]
+    import triton
+
+    t0 = time.perf_counter()
+    try:
+        _, src, options, target = specialise(ln, arch)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+    except Exception as err:  # report every failing variant, then fail
+        return f"FAIL {label} {desc}: {type(err).__name__}: {str(err)[:400]}", True
+    usage = resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm.get("ptx", "")
+    spill = usage.get("STACK", 0) > 0 or usage.get("LOCAL", 0) > 0
+    vec = "v4" if re.search(r"ld\.global(\.\w+)*\.v[24]\.", ptx) else "scalar"
+    line = (f"{'SPILL' if spill else 'ok'} {label} {desc} warps={ln.kwargs.get('num_warps')} "
+            f"regs={usage.get('REG', '?')} stack={usage.get('STACK', '?')} local={usage.get('LOCAL', '?')} "
+            f"shared={usage.get('SHARED', '?')} loads={vec} ({time.perf_counter() - t0:.1f}s)")
+    return line, spill
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 (A100) or 90 (H100)")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of p, q / logits")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 (A100) or 90 (H100/H200)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of p, q / logits")
+    ap.add_argument("--quick", action="store_true", help="a covering subset (CI)")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compilations")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter builds no compilable kernel", file=sys.stderr)
         return 2
-    target = GPUTarget("cuda", args.arch, 32)
-    failures = 0
-    seen = set()
-    small = [(fn, {**c, **{k: v for k, v in ONES.items() if k in fn.arg_names}}, w)
-             for fn, c, w in variants(block_v=16, k_pow2=2, nb_pow2=2)]
-    for fn, constexprs, warps in [*variants(), *small]:
-        key = (fn.__name__, tuple(sorted(constexprs.items())))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    seen, items = set(), []
+    for label, flags, ln in launch_variants(args.quick, DTYPES[args.dtype]):
+        key = specialise(ln, args.arch)[0]
         if key in seen:
             continue
         seen.add(key)
-        src = ASTSource(fn=fn, signature=signature(fn, constexprs, "*" + args.dtype), constexprs=constexprs)
-        t0 = time.perf_counter()
-        try:
-            compiled = triton.compile(src, target=target, options={"num_warps": warps})
-        except Exception as err:  # report every failing variant, then fail
-            print(f"FAIL {fn.__name__} {constexprs}: {type(err).__name__}: {err}")
-            failures += 1
-            continue
-        usage = resource_usage(compiled.asm["cubin"])
-        spill = usage.get("LOCAL", 0) > 0
-        failures += spill
-        print(f"{'SPILL' if spill else 'ok'} {fn.__name__} {constexprs} warps={warps} "
-              f"regs={usage.get('REG', '?')} local={usage.get('LOCAL', '?')} ({time.perf_counter() - t0:.1f}s)",
-              flush=True)
-    print(f"{len(seen)} variants compiled for sm_{args.arch}, {failures} failures")
+        const = {k: v for k, v in ln.kwargs.items() if k != "num_warps"}
+        desc = f"{ln.kernel.__name__} {' '.join(f'{k}={v}' for k, v in flags.items())} {const}"
+        items.append((label, desc, ln, args.arch))
+    failures = 0
+    _ITEMS[:] = items
+    if args.jobs > 1:
+        pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(_compile, range(len(items)))
+    else:
+        pool, results = None, map(_compile, range(len(items)))
+    for line, failed in results:
+        print(line, flush=True)
+        failures += failed
+    if pool is not None:
+        pool.shutdown()
+    print(f"{len(items)} variants compiled for sm_{args.arch}, {failures} failures")
     return 1 if failures else 0
 
 

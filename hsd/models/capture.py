@@ -27,13 +27,13 @@ class Captured:
     hidden_states: HF index -> [B, S, H] (detached, in the model's dtype).
     final_hidden: [B, S, H] post-final-norm hidden state (the LM head's input), or None.
     logits: [B, S, V] float32 logits, or None when not requested.
-    past_key_values: the model's cache object when ``use_cache=True`` was passed.
+    cache: the model's KV cache object when ``use_cache=True`` was passed.
     """
 
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -82,8 +82,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     """One frozen forward of ``model`` over ``input_ids`` [B, S], capturing ``layers`` by HF index.
 
     ``logits`` are computed from the post-norm hidden state with the model's own LM head, in float32.
-    Extra keyword arguments (``past_key_values``, ``use_cache``, ``position_ids``…) go to the
-    decoder stack.
+    Extra keyword arguments (``cache``, ``use_cache``, ``position_ids``…) go to the decoder stack.
     """
     wanted = validate_layers(model, layers)
     base = base_model(model)
@@ -107,9 +106,15 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         for h in handles:
             h.remove()
     last = res.last_hidden_state
-    cap = Captured(hidden_states=out, past_key_values=getattr(res, "past_key_values", None))
+    cap = Captured(hidden_states=out, cache=_output_cache(res))
     if final_hidden:
         cap.final_hidden = last.detach()
     if logits:
         cap.logits = lm_head(model)(last).float()
     return cap
+
+
+def _output_cache(res: Any) -> Any:
+    """The KV cache of a decoder-stack output: field ``cache`` in transformers 5, ``past_key_values`` before
+    (read only where ``cache`` does not exist: in transformers 5 the old name is deprecated and warns)."""
+    return getattr(res, "cache" if hasattr(type(res), "cache") else "past_key_values", None)

@@ -1,6 +1,6 @@
 """EAGLE-3 draft head: config, model and the draft-step API the decoding loop uses.
 
-Architecture (research/eagle3_training.md §2.2; module names ARE the vLLM/SGLang checkpoint keys)::
+Architecture (docs/eagle3_contract.md; module names ARE the vLLM/SGLang checkpoint keys)::
 
     g  = fc(cat(h_low, h_mid, h_high))                 # [B, T, 3*H_t] -> [B, T, H], no bias
     x  = cat(input_layernorm(e), hidden_norm(g))       # e = frozen target token embedding; [B, T, 2H]
@@ -10,13 +10,13 @@ Architecture (research/eagle3_training.md §2.2; module names ARE the vLLM/SGLan
 
 ``h`` (pre-final-norm) is what the next draft step receives in place of ``g``. Draft ids map to target
 ids through the ``d2t`` offsets (``target_id = draft_id + d2t[draft_id]``); ``t2d`` [V] marks the target
-ids that are in the draft vocabulary.
+ids that are in the draft vocabulary; ``head.draft_vocab`` is the same as a :class:`DraftVocab`.
 
 Saved keys (exactly): ``fc.weight``, ``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight``,
 ``midlayer.self_attn.{q,k,v,o}_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``, ``norm.weight``,
 ``lm_head.weight``, ``d2t``, ``t2d``. The frozen token embedding is a *non-persistent* buffer
 (``embed_tokens``, [V, H]): never trained, never saved; after ``from_pretrained`` call
-``set_target_embedding(target)`` before using token ids (training passes embeddings directly).
+``attach_target(target)`` before using token ids (training passes embeddings directly).
 
 Saved heads open with ``Eagle3DraftModel.from_pretrained`` (or ``AutoModel`` once this module is imported).
 
@@ -25,20 +25,22 @@ Captured target layers: ``config.eagle_config["eagle_aux_hidden_state_layer_ids"
 
 Positions / RoPE: the draft row whose fused features come from target position ``t`` has RoPE position
 ``t``; the k-th chained draft step from it has position ``t + k`` (the same in training and decoding).
-RoPE is Llama's, built from the recorded settings (``rope_theta`` + ``rope_parameters``).
+RoPE is Llama's, built from the recorded settings (``rope_theta`` + ``rope_parameters``; hsd.models.layers).
 """
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+from hsd.models.kv import KVCache, StepOutput
+from hsd.models.layers import RMSNorm, RotaryEmbedding, apply_rope, attend, causal_mask
+from hsd.models.vocab import DraftVocab
 
 try:  # transformers >= 5: init helpers that respect "already loaded" flags
     from transformers import initialization as _init
@@ -106,7 +108,8 @@ def _normalise_rope(rope_theta: float | None, rope_scaling: dict | None,
 
 
 class Eagle3Config(PretrainedConfig):
-    """Config of an EAGLE-3 draft head (one decoder layer; fields as vLLM/SGLang read them, §4.3).
+    """Config of an EAGLE-3 draft head (one decoder layer; fields as vLLM/SGLang read them, see
+    docs/eagle3_contract.md).
 
     ``vocab_size`` is the target's vocabulary V, ``draft_vocab_size`` the head's output size Vd.
     ``target_hidden_size`` is None when it equals ``hidden_size`` (then ``fc`` reads ``3 * hidden_size``).
@@ -241,21 +244,6 @@ class Eagle3Config(PretrainedConfig):
 # Layers
 
 
-class Eagle3RMSNorm(nn.Module):
-    """RMSNorm computed in float32, output in the input dtype (Llama semantics)."""
-
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(dtype)
-
-
 class Eagle3Attention(nn.Module):
     """Projections of the draft attention; q/k/v read the 2H concat [norm(e) ‖ norm(g)]."""
 
@@ -282,24 +270,6 @@ class Eagle3MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, d]; cos/sin [B, T, d] -> rotated x (Llama's half-split convention)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, kv_heads, L, d] -> [B, kv_heads * n_rep, L, d] (GQA)."""
-    if n_rep == 1:
-        return x
-    b, h, L, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, L, d).reshape(b, h * n_rep, L, d)
-
-
 class Eagle3DecoderLayer(nn.Module):
     """The single draft layer (``midlayer``). Attention itself is done by the caller (cache or TTT), so
     the same projections serve the step API and the training-time-test unroll."""
@@ -307,10 +277,10 @@ class Eagle3DecoderLayer(nn.Module):
     def __init__(self, c: Eagle3Config):
         super().__init__()
         self.norm_before_residual = c.norm_before_residual
-        self.input_layernorm = Eagle3RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.hidden_norm = Eagle3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Eagle3Attention(c)
-        self.post_attention_layernorm = Eagle3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = Eagle3MLP(c)
 
     def qkv(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -336,65 +306,7 @@ class Eagle3DecoderLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# KV cache and outputs
-
-
-@dataclass
-class Eagle3Cache:
-    """Draft KV cache: RoPE-rotated keys and values [B, nkv, L, d] of every row fed so far (one length for
-    the whole batch). ``crop(n)`` keeps the first ``n`` entries (after a verification rejected the rest)."""
-
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key is None else int(self.key.shape[2])
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is None:
-            self.key, self.value = k, v
-        else:
-            self.key = torch.cat([self.key, k], dim=2)
-            self.value = torch.cat([self.value, v], dim=2)
-        return self.key, self.value
-
-    def crop(self, length: int) -> Eagle3Cache:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
-        if self.key is not None:
-            self.key, self.value = self.key[:, :, :length], self.value[:, :, :length]
-        return self
-
-
-class Eagle3StepOutput(NamedTuple):
-    """logits [B, T, Vd] over the draft vocabulary; hidden [B, T, H] (feed back as ``hidden`` next step)."""
-
-    logits: torch.Tensor
-    hidden: torch.Tensor
-    cache: Eagle3Cache
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The model
-
-
-def _rope_module(c: Eagle3Config, device: torch.device):
-    """Llama rotary embedding built from the head's recorded RoPE settings (vLLM builds the same)."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    base = dict(hidden_size=c.num_attention_heads * c.head_dim, num_attention_heads=c.num_attention_heads,
-                head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings)
-    try:
-        lc = LlamaConfig(**base, rope_parameters=copy.deepcopy(c.rope_parameters))
-        ok = float(lc.rope_parameters["rope_theta"]) == c.rope_theta
-    except (TypeError, KeyError, AttributeError):
-        ok = False
-    if not ok:  # transformers 4.x spelling
-        lc = LlamaConfig(**base, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling_legacy)
-    with torch.device(device):
-        return LlamaRotaryEmbedding(config=lc)
 
 
 class Eagle3DraftModel(PreTrainedModel):
@@ -411,11 +323,12 @@ class Eagle3DraftModel(PreTrainedModel):
         c = config
         self.fc = nn.Linear(c.fc_input_size, c.hidden_size, bias=False)
         self.midlayer = Eagle3DecoderLayer(c)
-        self.norm = Eagle3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.arange(c.vocab_size) < c.draft_vocab_size)
         self.register_buffer("embed_tokens", None, persistent=False)  # [V, H] frozen target copy, not saved
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_parameters, c.max_position_embeddings)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -424,57 +337,50 @@ class Eagle3DraftModel(PreTrainedModel):
             _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 _init.zeros_(module.bias)
-        elif isinstance(module, Eagle3RMSNorm):
+        elif isinstance(module, RMSNorm):
             _init.ones_(module.weight)
 
-    # -- vocabulary -----------------------------------------------------------------------------------
-    def set_draft_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor | None = None) -> Eagle3DraftModel:
-        """Install the draft vocabulary: d2t [Vd] int64 offsets (t2d [V] bool derived when omitted)."""
-        d2t = torch.as_tensor(d2t, dtype=torch.long).flatten()
+    # -- vocabulary and target ------------------------------------------------------------------------
+    @property
+    def draft_vocab(self) -> DraftVocab:
+        """The head's output columns as target ids (from the ``d2t`` buffer)."""
+        return DraftVocab(torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t, self.config.vocab_size)
+
+    def set_draft_vocab(self, vocab: DraftVocab | torch.Tensor, t2d: torch.Tensor | None = None) -> Eagle3DraftModel:
+        """Install the draft vocabulary: a DraftVocab, or d2t [Vd] int64 offsets (t2d [V] derived when omitted)."""
         c = self.config
-        if d2t.numel() != c.draft_vocab_size:
-            raise ValueError(f"d2t has {d2t.numel()} entries but draft_vocab_size is {c.draft_vocab_size}")
-        ids = torch.arange(d2t.numel()) + d2t.cpu()
-        if d2t.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size):
-            raise ValueError(f"d2t maps draft ids outside the target vocabulary [0, {c.vocab_size})")
-        if d2t.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            raise ValueError("d2t target ids (arange(Vd) + d2t) must be strictly ascending")
-        derived = torch.zeros(c.vocab_size, dtype=torch.bool)
-        derived[ids] = True
-        if t2d is not None and not torch.equal(torch.as_tensor(t2d, dtype=torch.bool).cpu(), derived):
-            raise ValueError("d2t and t2d disagree: nonzero(t2d) != arange(Vd) + d2t")
+        if not isinstance(vocab, DraftVocab):
+            d2t = torch.as_tensor(vocab, dtype=torch.long).flatten()
+            if d2t.numel() != c.draft_vocab_size:
+                raise ValueError(f"d2t has {d2t.numel()} entries but draft_vocab_size is {c.draft_vocab_size}")
+            vocab = DraftVocab.from_d2t(d2t, c.vocab_size, t2d)
+        if (vocab.size, vocab.vocab_size) != (c.draft_vocab_size, c.vocab_size):
+            raise ValueError(f"draft vocabulary of {vocab.size} of {vocab.vocab_size} ids does not fit a head with "
+                             f"draft_vocab_size {c.draft_vocab_size} and vocab_size {c.vocab_size}")
         with torch.no_grad():
-            self.d2t.copy_(d2t.to(self.d2t.device))
-            self.t2d.copy_(derived.to(self.t2d.device))
+            self.d2t.copy_(vocab.d2t.to(self.d2t.device))
+            self.t2d.copy_(vocab.t2d.to(self.t2d.device))
         return self
 
-    @property
-    def draft_ids(self) -> torch.Tensor:
-        """Target id of each draft id: arange(Vd) + d2t -> [Vd] int64."""
-        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
-
-    def draft_logits_to_target(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., Vd] draft logits -> [..., V] target-vocab logits, -inf outside the draft vocabulary."""
-        out = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
-        out[..., self.draft_ids] = logits
-        return out
-
-    # -- frozen embedding -------------------------------------------------------------------------------
-    def set_target_embedding(self, target: nn.Module | torch.Tensor) -> Eagle3DraftModel:
-        """Copy the target's input embedding [V, H] into the (non-saved, frozen) ``embed_tokens`` buffer."""
+    def attach_target(self, target: nn.Module | torch.Tensor) -> Eagle3DraftModel:
+        """Copy the target's input embedding [V, H] into the (non-saved, frozen) ``embed_tokens`` buffer
+        (ValueError when the head and the target disagree on the vocabulary or the hidden size)."""
         weight = target if torch.is_tensor(target) else target.get_input_embeddings().weight
         c = self.config
+        if weight.shape[0] != c.vocab_size:
+            raise ValueError(f"the head was trained for a vocabulary of {c.vocab_size} tokens but the target has "
+                             f"{weight.shape[0]} (tokenizer/vocab mismatch)")
         if tuple(weight.shape) != (c.vocab_size, c.hidden_size):
             raise ValueError(f"target embedding has shape {tuple(weight.shape)} but the head expects "
-                             f"[vocab_size={c.vocab_size}, hidden_size={c.hidden_size}] (tokenizer/vocab mismatch?)")
+                             f"[vocab_size={c.vocab_size}, hidden_size={c.hidden_size}]")
         self.embed_tokens = weight.detach().to(self.fc.weight.device).clone()
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> frozen target embeddings [B, T, H]."""
         if self.embed_tokens is None:
-            raise ValueError("the head has no token embedding: call set_target_embedding(target) after "
-                             "from_pretrained (the embedding is the target's and is not saved with the head)")
+            raise ValueError("the head has no token embedding: call attach_target(target) after from_pretrained "
+                             "(the embedding is the target's and is not saved with the head)")
         if input_ids.numel() and int(input_ids.max()) >= self.embed_tokens.shape[0]:
             raise ValueError(f"input_ids contain id {int(input_ids.max())} >= vocab_size {self.embed_tokens.shape[0]}")
         return F.embedding(input_ids, self.embed_tokens)
@@ -489,11 +395,7 @@ class Eagle3DraftModel(PreTrainedModel):
 
     def rope(self, position_ids: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> (cos, sin) [B, T, d] in ``like``'s dtype/device."""
-        rot = self.__dict__.get("_rotary")
-        if rot is None:  # kept outside the module tree: nothing to save, nothing for meta-device loading
-            rot = _rope_module(self.config, torch.device("cpu"))
-            self.__dict__["_rotary"] = rot
-        return rot(like, position_ids.to(like.device))
+        return self.rotary(position_ids, like)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """h [..., H] (pre-final-norm) -> draft logits [..., Vd]."""
@@ -501,9 +403,9 @@ class Eagle3DraftModel(PreTrainedModel):
 
     # -- step API ---------------------------------------------------------------------------------------
     def forward_step(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                     cache: Eagle3Cache | None = None, *, features: torch.Tensor | None = None,
+                     cache: KVCache | None = None, *, features: torch.Tensor | None = None,
                      hidden: torch.Tensor | None = None, input_embeds: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None) -> Eagle3StepOutput:
+                     attention_mask: torch.Tensor | None = None) -> StepOutput:
         """One draft forward over T new rows, appended to ``cache``.
 
         Exactly one of ``features`` [B, T, 3*H_t] (fused target features; a prefill / first step) or
@@ -512,7 +414,7 @@ class Eagle3DraftModel(PreTrainedModel):
         position whose features it reads. ``position_ids`` [B, T] (default: continue after the cache).
         ``attention_mask`` [B, T, L + T] bool (True = attend; L = cached length) overrides the default
         (every cached entry + causal among the new rows), e.g. for tree drafts.
-        Returns (logits [B, T, Vd], hidden [B, T, H], cache).
+        Returns StepOutput(logits [B, T, Vd], cache, hidden [B, T, H]).
         """
         if (features is None) == (hidden is None):
             raise ValueError("give exactly one of features (fused target features) or hidden (previous step)")
@@ -525,40 +427,36 @@ class Eagle3DraftModel(PreTrainedModel):
         b, t, _ = g.shape
         if e.shape[:2] != (b, t):
             raise ValueError(f"tokens {tuple(e.shape[:2])} and hidden rows {(b, t)} differ")
-        cache = cache if cache is not None else Eagle3Cache()
+        cache = cache if cache is not None else KVCache()
         past = cache.length
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=g.device).expand(b, t)
         cos, sin = self.rope(position_ids, g)
         q, k, v, residual = self.midlayer.qkv(e, g, cos, sin)
         keys, values = cache.append(k, v)
-        n_rep = q.shape[1] // keys.shape[1]
         if attention_mask is None:
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=g.device).tril(diagonal=past)
+            mask = causal_mask(past, t, g.device)
         else:
             if tuple(attention_mask.shape) != (b, t, past + t):
                 raise ValueError(f"attention_mask must be [B, T, L+T] = {(b, t, past + t)}, "
                                  f"got {tuple(attention_mask.shape)}")
             mask = attention_mask.bool()[:, None]
-        attn = F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=mask,
-                                              scale=1.0 / math.sqrt(self.config.head_dim))
-        h = self.midlayer.finish(attn, residual)
-        return Eagle3StepOutput(self.compute_logits(h), h, cache)
+        h = self.midlayer.finish(attend(q, keys, values, mask), residual)
+        return StepOutput(self.compute_logits(h), cache, h)
 
-    def forward(self, *args, **kwargs) -> Eagle3StepOutput:  # noqa: D102 - see forward_step
+    def forward(self, *args, **kwargs) -> StepOutput:  # noqa: D102 - see forward_step
         return self.forward_step(*args, **kwargs)
 
     # -- initialisation from the target ---------------------------------------------------------------
     @torch.no_grad()
     def init_from_target(self, lm_head_weight: torch.Tensor | None, norm_weight: torch.Tensor | None) -> list[str]:
-        """Start ``lm_head`` from the target's LM-head rows of the draft vocabulary ([V, H] given; rows
-        ``draft_ids`` taken) and ``norm`` from the target's final norm. Returns what was initialised
-        (shapes that do not fit, e.g. a draft hidden size != the target's, are skipped)."""
+        """Start ``lm_head`` from the target's LM-head rows of the draft vocabulary ([V, H] given; the rows
+        of ``draft_vocab.target_ids`` taken) and ``norm`` from the target's final norm. Returns what was
+        initialised (shapes that do not fit, e.g. a draft hidden size != the target's, are skipped)."""
         done = []
         h = self.config.hidden_size
-        if lm_head_weight is not None and lm_head_weight.shape[-1] == h \
-                and lm_head_weight.shape[0] == self.config.vocab_size:
-            rows = lm_head_weight.detach()[self.draft_ids.to(lm_head_weight.device)]
+        if lm_head_weight is not None and tuple(lm_head_weight.shape) == (self.config.vocab_size, h):
+            rows = lm_head_weight.detach()[self.draft_vocab.target_ids.to(lm_head_weight.device)]
             self.lm_head.weight.copy_(rows.to(self.lm_head.weight.dtype))
             done.append("lm_head")
         if norm_weight is not None and tuple(norm_weight.shape) == (h,):
@@ -568,17 +466,15 @@ class Eagle3DraftModel(PreTrainedModel):
 
 
 def load_draft(path: str, target: nn.Module | None = None, **kwargs) -> Eagle3DraftModel:
-    """``Eagle3DraftModel.from_pretrained(path)`` plus the target's embedding when ``target`` is given
-    (ValueError when the head and the target disagree on the vocabulary)."""
+    """``Eagle3DraftModel.from_pretrained(path)``; with a ``target``, moved to its device and attached (its
+    token embedding; ValueError naming ``path`` when the head and the target disagree on the vocabulary)."""
     model = Eagle3DraftModel.from_pretrained(path, **kwargs)
-    if target is not None:
-        tv = int(target.config.get_text_config().vocab_size if hasattr(target.config, "get_text_config")
-                 else target.config.vocab_size)
-        if tv != model.config.vocab_size:
-            raise ValueError(f"head {path!r} was trained for a vocabulary of {model.config.vocab_size} tokens but "
-                             f"the target has {tv}")
-        model.set_target_embedding(target)
-    return model
+    if target is None:
+        return model
+    try:
+        return model.to(next(target.parameters()).device).eval().attach_target(target)
+    except ValueError as err:
+        raise ValueError(f"head {str(path)!r}: {err}") from None
 
 
 def _register_auto_classes() -> None:

@@ -42,12 +42,13 @@ were (wrongly) injected into the target.
 
 Optional reduced output vocabulary (as for EAGLE-3): ``d2t`` [V_d] int64 offsets,
 ``target_id = draft_id + d2t[draft_id]``; the LM head rows are restricted to those target ids, so the
-head's logits are [.., V_d]. :meth:`EarlyExitHead.to_target_vocab` scatters rows back to [.., V].
+head's logits are [.., V_d]; ``head.draft_vocab`` (:class:`~hsd.models.vocab.DraftVocab`) scatters rows
+back to [.., V]. The head returns raw logits: temperature, top-k and top-p are applied by the decoder's
+one sampling function (``hsd.decode.sampling.process_logits``), the same for every stage.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +57,9 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hsd.models import capture as cap
+from hsd.models.kv import KVCache, StepOutput
+from hsd.models.layers import RMSNorm, RotaryEmbedding, apply_rope, attend, causal_mask
+from hsd.models.vocab import DraftVocab
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as _init
@@ -263,36 +267,6 @@ def target_checksum(target: nn.Module) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Head bodies (the trainable part); each maps h [B, S, H] -> z [B, S, H]
 # ----------------------------------------------------------------------------------------------------
-class HeadCache:
-    """KV cache of an ``attn`` head: key/value [B, nkv, S, hd]; position ``i`` is the i-th token fed."""
-
-    def __init__(self, key: torch.Tensor | None = None, value: torch.Tensor | None = None):
-        self.key, self.value = key, value
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key is None else int(self.key.shape[2])
-
-    def crop(self, length: int) -> None:
-        """Keep the first ``length`` positions (drop rejected tokens)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"length: must be in [0, {self.length}], got {length}")
-        if self.key is not None:
-            self.key, self.value = self.key[:, :, :length], self.value[:, :, :length]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(self.weight.dtype)
-
-
 def _tag(module: nn.Module, kind: str) -> nn.Module:
     """Mark how :meth:`EarlyExitHead._init_weights` initialises ``module`` (zeros | kaiming | ones)."""
     module._ee_init = kind
@@ -368,20 +342,6 @@ class MLPBody(_Body):
 
 
 
-def _rope(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, hd] for Llama-style (rotate-half) RoPE, in float32."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    ang = position_ids.float()[..., None] * inv  # [B, T, hd/2]
-    ang = torch.cat([ang, ang], dim=-1)[:, None]
-    return ang.cos(), ang.sin()
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
-
-
 class AttnBody(_Body):
     """One causal self-attention layer on RMSNorm(h), residual, RoPE, GQA, with its own KV cache."""
 
@@ -389,15 +349,14 @@ class AttnBody(_Body):
         super().__init__()
         hsz = config.hidden_size
         self.nh, self.nkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.theta = config.rope_theta
+        self.rotary = RotaryEmbedding(self.hd, {"rope_type": "default", "rope_theta": config.rope_theta})
         self.norm = _tag(RMSNorm(hsz, config.rms_norm_eps), "ones")
         self.q_proj = _tag(nn.Linear(hsz, self.nh * self.hd, bias=False), "kaiming")
         self.k_proj = _tag(nn.Linear(hsz, self.nkv * self.hd, bias=False), "kaiming")
         self.v_proj = _tag(nn.Linear(hsz, self.nkv * self.hd, bias=False), "kaiming")
         self.o_proj = _tag(nn.Linear(self.nh * self.hd, hsz, bias=False), "zeros")
 
-
-    def forward(self, h, position_ids=None, attention_mask=None, cache: HeadCache | None = None):
+    def forward(self, h, position_ids=None, attention_mask=None, cache: KVCache | None = None):
         """h [B, T, H] new positions; ``cache`` holds the previous P positions (appended in place).
 
         position_ids [B, T] (default P + arange(T)); attention_mask [B, P + T] (1 = real token) or None.
@@ -405,32 +364,24 @@ class AttnBody(_Body):
         (so padded queries stay finite; their outputs are ignored).
         """
         b, t, _ = h.shape
-        past = cache.length if cache is not None else 0
+        cache = cache if cache is not None else KVCache()
+        past = cache.length
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=h.device).expand(b, t)
         n = self.norm(h)
         q = self.q_proj(n).view(b, t, self.nh, self.hd).transpose(1, 2)
         k = self.k_proj(n).view(b, t, self.nkv, self.hd).transpose(1, 2)
         v = self.v_proj(n).view(b, t, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = _rope(position_ids, self.hd, self.theta)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if cache is not None:
-            if cache.key is not None:
-                k = torch.cat([cache.key, k], dim=2)
-                v = torch.cat([cache.value, v], dim=2)
-            cache.key, cache.value = k, v
+        cos, sin = self.rotary(position_ids, n)
+        keys, values = cache.append(apply_rope(k, cos, sin), v)
         s = past + t
-        qi = torch.arange(past, s, device=h.device)[:, None]
-        kj = torch.arange(s, device=h.device)[None, :]
-        allowed = (kj <= qi)[None]  # [1, T, S]
+        allowed = causal_mask(past, t, h.device)[None]  # [1, T, S]
         if attention_mask is not None:
             if attention_mask.shape[-1] != s:
                 raise ValueError(f"attention_mask: needs {s} columns (cached + new), got {attention_mask.shape[-1]}")
             allowed = allowed & attention_mask[:, None, :].bool()
-        allowed = (allowed | (kj == qi)[None])[:, None]  # [B|1, 1, T, S]
-        rep = self.nh // self.nkv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        itself = torch.arange(past, s, device=h.device)[:, None] == torch.arange(s, device=h.device)[None, :]
+        out = attend(apply_rope(q, cos, sin), keys, values, (allowed | itself)[:, None])
         return h + self.o_proj(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
@@ -440,25 +391,6 @@ _BODIES = {"lens": LensBody, "affine": AffineBody, "lowrank": LowRankBody, "mlp"
 # ----------------------------------------------------------------------------------------------------
 # The head
 # ----------------------------------------------------------------------------------------------------
-@dataclass
-class EarlyExitOutput:
-    """logits: [B, S, V'] raw (temperature not applied), or [N, V'] when ``select`` was given;
-    V' = draft_vocab_size or vocab_size. past_key_values: the ``attn`` head's :class:`HeadCache`."""
-
-    logits: torch.Tensor
-    past_key_values: HeadCache | None = None
-
-
-@dataclass
-class EarlyExitStep:
-    """One decoding step: logits [B, T, V'] raw; probs [B, T, V] over the *target* vocabulary at the
-    requested temperature (zero outside the draft vocab; one-hot argmax when temperature == 0)."""
-
-    logits: torch.Tensor
-    probs: torch.Tensor
-    cache: HeadCache | None
-
-
 class EarlyExitHead(PreTrainedModel):
     """One early-exit head for exit layer ``config.exit_layer`` (see the module docstring).
 
@@ -490,24 +422,28 @@ class EarlyExitHead(PreTrainedModel):
         # `_init` functions skip tensors already loaded. Bodies tag their modules (see `_tag`).
         _init_tagged(module)
 
-    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
-        """Set the reduced vocabulary: d2t [V_d] int64 offsets (target_id = draft_id + d2t[draft_id])."""
+    @property
+    def draft_vocab(self) -> DraftVocab:
+        """The head's output columns as target ids (the whole vocabulary without ``draft_vocab_size``)."""
+        if not self.config.draft_vocab_size:
+            return DraftVocab.full(self.config.vocab_size, self.device)
+        return DraftVocab(self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device), self.config.vocab_size)
+
+    def set_draft_vocab(self, vocab: DraftVocab | torch.Tensor) -> EarlyExitHead:
+        """Set the reduced vocabulary: a DraftVocab or d2t [V_d] int64 offsets (target_id = draft_id + d2t)."""
         vd = self.config.draft_vocab_size
         if not vd:
             raise ValueError("d2t: this head has no draft vocabulary (config.draft_vocab_size is None)")
-        d2t = torch.as_tensor(d2t, dtype=torch.long)
-        if d2t.shape != (vd,):
-            raise ValueError(f"d2t: expected shape [{vd}], got {list(d2t.shape)}")
-        ids = d2t + torch.arange(vd)
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size or (ids[1:] <= ids[:-1]).any():
-            raise ValueError("d2t: target ids d2t + arange must be strictly increasing and inside the vocab")
-        self.d2t.copy_(d2t.to(self.d2t.device))
-
-    def draft_to_target_ids(self) -> torch.Tensor | None:
-        """[V_d] target ids of the head's output columns, or None for the full vocabulary."""
-        if not self.config.draft_vocab_size:
-            return None
-        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
+        if not isinstance(vocab, DraftVocab):
+            d2t = torch.as_tensor(vocab, dtype=torch.long)
+            if d2t.shape != (vd,):
+                raise ValueError(f"d2t: expected shape [{vd}], got {list(d2t.shape)}")
+            vocab = DraftVocab.from_d2t(d2t, self.config.vocab_size)
+        if (vocab.size, vocab.vocab_size) != (vd, self.config.vocab_size):
+            raise ValueError(f"d2t: a draft vocabulary of {vocab.size} of {vocab.vocab_size} ids does not fit "
+                             f"draft_vocab_size {vd} of vocab_size {self.config.vocab_size}")
+        self.d2t.copy_(vocab.d2t.to(self.d2t.device))
+        return self
 
     def attach_target(self, target: nn.Module) -> EarlyExitHead:
         """Borrow the target's final norm and LM head (frozen, not saved); check the residual-stream rule.
@@ -573,68 +509,49 @@ class EarlyExitHead(PreTrainedModel):
             raise RuntimeError("no target attached: call head.attach_target(target) first")
         norm, head = self._borrowed
         x = norm(z.to(head.weight.dtype))
-        ids = self.draft_to_target_ids()
-        if ids is None:
+        if not self.config.draft_vocab_size:
             return head(x)
+        ids = self.draft_vocab.target_ids
         bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
         return F.linear(x, head.weight[ids], bias)
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: HeadCache | None = None,
-                use_cache: bool = False, select: torch.Tensor | None = None) -> EarlyExitOutput:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                select: torch.Tensor | None = None) -> StepOutput:
         """hidden_states [B, S, H] = target h_l -> logits [B, S, V'] (or [N, V'] at ``select`` [B, S] bool).
 
-        ``past_key_values``/``use_cache`` matter only for ``attn`` (other heads are position-wise).
-        ``select`` computes the LM head only where needed (training on assistant positions).
+        ``position_ids``, ``attention_mask`` and ``cache`` (extended in place) matter only for ``attn``;
+        the other heads are position-wise. ``select`` computes the LM head only where needed (training on
+        assistant positions). Logits are raw (no temperature).
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden_states: expected [B, S, {self.config.hidden_size}], "
                              f"got {list(hidden_states.shape)}")
         dtype = next(self.body.parameters()).dtype if self.config.head_type != "lens" else hidden_states.dtype
         h = hidden_states.to(dtype)
-        cache = None
         if self.config.head_type == "attn":
-            cache = past_key_values if past_key_values is not None else (HeadCache() if use_cache else None)
             z = self.body(h, position_ids, attention_mask, cache)
             if select is not None:
                 z = z[select]
         else:
+            cache = None
             if select is not None:
                 h = h[select]
             z = self.body(h)
-        return EarlyExitOutput(logits=self.output_logits(z), past_key_values=cache)
+        return StepOutput(self.output_logits(z), cache)
 
     @torch.no_grad()
     def step(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
-             cache: HeadCache | None = None, attention_mask: torch.Tensor | None = None,
-             temperature: float | None = None) -> EarlyExitStep:
-        """Decode: h_l of the T new positions [B, T, H] (+ their positions, the head's cache) -> rows.
+             cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> StepOutput:
+        """Decode: h_l of the T new positions [B, T, H] (+ their positions, the head's cache) -> logits
+        [B, T, V'] (``draft_vocab.scatter_logits`` puts them into the target vocabulary).
 
-        For ``attn`` the cache is created when None and extended in place; crop it with
-        ``cache.crop(n)`` after rejections. Other head types keep no state (cache stays None).
+        For ``attn`` the cache is created when None and extended in place; crop it with ``cache.crop(n)``
+        after rejections. Other head types keep no state (the cache stays None).
         """
-        out = self.forward(hidden_states, position_ids=position_ids, attention_mask=attention_mask,
-                           past_key_values=cache, use_cache=True)
-        probs = self.probs(out.logits, temperature)
-        return EarlyExitStep(logits=out.logits, probs=self.to_target_vocab(probs), cache=out.past_key_values)
-
-    def probs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """softmax(logits / T) in float32; T = config.training_temperature by default; T == 0: one-hot argmax."""
-        t = self.config.training_temperature if temperature is None else float(temperature)
-        if t < 0 or not math.isfinite(t):
-            raise ValueError(f"temperature: must be >= 0, got {t}")
-        logits = logits.float()
-        if t == 0:
-            return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        return torch.softmax(logits / t, dim=-1)
-
-    def to_target_vocab(self, rows: torch.Tensor) -> torch.Tensor:
-        """[..., V_d] rows -> [..., V] (zeros outside the draft vocab); identity without a draft vocab."""
-        ids = self.draft_to_target_ids()
-        if ids is None:
-            return rows
-        full = rows.new_zeros(*rows.shape[:-1], self.config.vocab_size)
-        return full.index_copy_(-1, ids.to(rows.device), rows)
+        if cache is None and self.config.head_type == "attn":
+            cache = KVCache()
+        return self.forward(hidden_states, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -661,7 +578,6 @@ def expected_num_parameters(config: EarlyExitConfig) -> int:
 
 
 def load_head(path: str, target: nn.Module, **kwargs: Any) -> EarlyExitHead:
-    """``EarlyExitHead.from_pretrained(path)`` then ``attach_target(target)``, on the target's device."""
+    """``EarlyExitHead.from_pretrained(path)``, moved to the target's device and attached to it."""
     head = EarlyExitHead.from_pretrained(path, **kwargs)
-    dev = next(target.parameters()).device
-    return head.to(dev).eval().attach_target(target)
+    return head.to(next(target.parameters()).device).eval().attach_target(target)

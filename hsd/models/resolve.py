@@ -189,6 +189,14 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         raise ValueError(_load_error(name_or_path, path, err)) from err
 
 
+def pad_id_of(tok) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its eos token."""
+    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pid is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token; pass pad_id explicitly")
+    return int(pid)
+
+
 def _load_error(name, path, err) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     return (f"could not load target {os.fspath(name)!r} (resolved to {path!r}): {type(err).__name__}: {err}"

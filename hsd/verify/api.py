@@ -18,7 +18,7 @@ from .common import (
     select_tau,
     tau_law,
 )
-from .validate import check_chain_inputs, check_token_range, check_tokens, check_uniforms
+from .validate import check_chain_inputs, check_not_fp16, check_token_range, check_tokens, check_uniforms
 
 LevelsFn = Callable[..., Levels]
 METHODS: dict[str, LevelsFn] = {"tokenwise": tokenwise.levels, "blockwise": blockwise.levels, "hsd": hsd.levels}
@@ -86,13 +86,20 @@ def verify(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tenso
     backend also takes a Levels builder such as ``blockwise.levels``: that is how the tests run
     variants through the real sampling path.
     backend: "torch" | "triton" (hsd.kernels; identical results for the same uniforms).
-    uniforms: optional (coins [B, K], u [B]) in [0, 1), convention of /work/interfaces.md;
-    otherwise drawn with ``generator``. validate=False skips the input checks (hot loops).
+    uniforms: optional (coins [B, K], u [B]) in [0, 1): coin k-1 decides level k (token-wise:
+    accept position k iff coin * q <= p; block/HSD: level k succeeds iff coin <= h_k, tau = last
+    success) and u picks the token by inverse CDF (docs/verification.md, "Uniforms"); otherwise
+    drawn with ``generator``.
+    validate=False skips every check that reads tensor values (no host sync: for hot loops; bad
+    values then fail closed, see docs/verification.md). float16 probabilities are refused either
+    way: fp16 flushes probabilities below 6e-8 to 0, so the rows are not the law that was sampled
+    (pass float32/bfloat16 probabilities, or logits to the serving path).
     Emitted tokens: draft_tokens[b, :num_accepted[b]] then next_token[b].
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     build = levels_fn(method)
+    check_not_fp16(("draft_probs", draft_probs), ("target_probs", target_probs))
     if validate:
         check_chain_inputs(draft_tokens, draft_probs, target_probs)
     b, k = draft_tokens.shape
@@ -100,7 +107,7 @@ def verify(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tenso
     if uniforms is None:
         coins, u = draw_uniforms((b, k), device, generator)
     else:
-        coins, u = check_uniforms(uniforms, (b, k), device)
+        coins, u = check_uniforms(uniforms, (b, k), device, values=validate)
     if backend == "triton":
         if not isinstance(method, str):
             raise ValueError("method: the triton backend takes a method name")

@@ -2,10 +2,19 @@
 
 An instance holds context-dependent target and draft rows for every prefix. Every draft chain
 (or every tuple of M chains) is enumerated as one batch row, weighted by its draft probability;
-the verifier's exact decision law (``decision_law`` / ``multi_law``, built from the sampler's own
-functions) gives the law of the emitted prefix, which is completed by target sampling up to K+1
-tokens. A lossless verifier reproduces the target joint prod_t p(y_t | y_<t) exactly.
-Prefixes of length j are numbered in base V (first token most significant), i.e. lexicographically.
+the verifier's exact decision law gives the law of the emitted prefix, which is completed by target
+sampling up to K+1 tokens. A lossless verifier reproduces the target joint prod_t p(y_t | y_<t)
+exactly. Prefixes of length j are numbered in base V (first token most significant).
+
+Two sources of the decision law:
+- ``decision_law`` / ``multi_law``: the law functions (``tau_law``, ``residual_all``) applied to the
+  same ``Levels`` the sampler uses;
+- ``sampler_decision_law``: the sampler itself (``verify``, either backend) run on an enumeration of
+  its uniforms. Coin k-1 only matters through the event {level k succeeds}, which has probability
+  h_k, so every success pattern is run once with coins just inside / just outside the thresholds and
+  weighted by prod h^s (1 - h)^(1-s); u only matters through the inverse-CDF interval it falls in,
+  so every interval is run at both of its ends (which must give the same outcome) and weighted by
+  its length. The result is the exact law of the sampling code, with no randomness.
 """
 from __future__ import annotations
 
@@ -15,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import api
 from .api import LevelsFn, decision_law
+from .common import RESIDUAL_EPS
 from .multi import multi_law
 
 
@@ -111,16 +122,94 @@ class Emissions:
         return out
 
 
-def single_chain_law(inst: TreeInstance, method: str | LevelsFn) -> tuple[Tensor, float]:
-    """(completed output law [V^(K+1)], E[num_accepted]) of verify with drafts sampled from q."""
+def success_patterns(k: int) -> Tensor:
+    """[2^K, K] bool: every success/failure pattern of K levels."""
+    ids = torch.arange(2**k).unsqueeze(1)
+    return (ids >> torch.arange(k - 1, -1, -1)) & 1 == 1
+
+
+def sampler_decision_law(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
+                         method: str | LevelsFn = "hsd", *, backend: str = "torch", margin: float = 1e-9,
+                         run=None, both_ends: bool = True) -> Tensor:
+    """Exact joint law [B, K+1, V] of (num_accepted, next_token) of the sampler for fixed drafts.
+
+    The sampler is ``verify(..., backend=backend, uniforms=...)`` (or ``run(tokens, q, p, coins, u)
+    -> (n, token)`` when given, e.g. the serving plan). Coins are placed ``margin`` inside/outside
+    each threshold h_k (h from the torch ``Levels`` in float64), u at both ends of every inverse-CDF
+    interval of the row the torch sampler functions choose (shrunk by ``margin`` of its length); an
+    interval whose two ends give different outcomes raises AssertionError (the sampler's boundaries
+    are not where its own rows put them). both_ends=False runs the interval midpoints only (half the
+    runs, for slow samplers). Use float64 inputs; margin 1e-9 for the float64 torch sampler, ~1e-4
+    for float32 kernels.
+    """
+    if run is None:
+        def run(tok, q, p, coins, u):
+            res = api.verify(tok, q, p, method=method, backend=backend, uniforms=(coins, u), validate=False)
+            return res.num_accepted, res.next_token
+    tokens, q, p = api.cast_inputs(draft_tokens, draft_probs, target_probs)
+    levels = api.levels_fn(method)(tokens, q, p)
+    b, k = tokens.shape
+    v = p.shape[-1]
+    pats = success_patterns(k).to(p.device)  # [P, K]
+    h = levels.h.unsqueeze(1)  # [B, 1, K]
+    weight = torch.where(pats, h, 1.0 - h).prod(-1)  # [B, P]
+    inside = h - torch.minimum(torch.full_like(h, margin), h / 2)
+    outside = h + torch.minimum(torch.full_like(h, margin), (1.0 - h) / 2)
+    coins = torch.where(pats, inside, outside).clamp(0.0, 1.0 - 2.0**-53)  # [B, P, K]
+    row, pat = (weight > 0).nonzero(as_tuple=True)
+    coins, w_e = coins[row, pat], weight[row, pat]
+    lv = levels._replace(h=levels.h[row], log_w=levels.log_w[row], p_tok=levels.p_tok[row],
+                         q_tok=levels.q_tok[row], start=levels.start[row])
+    tok_e, q_e, p_e = tokens[row], None if q is None else q[row], p[row]
+    tau = api.select_tau(lv, coins)
+    r, fallback = api.residual_at(lv, tok_e, q_e, p_e, tau)
+    r = torch.where(r.sum(-1, keepdim=True) > RESIDUAL_EPS, r, fallback)
+    cdf = r.cumsum(-1) / r.sum(-1, keepdim=True)
+    hi, lo = cdf, torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=-1)
+    e_idx, tok_idx = (r > 0).nonzero(as_tuple=True)  # one interval per positive-mass token
+    lo, hi = lo[e_idx, tok_idx], hi[e_idx, tok_idx]
+    width = hi - lo
+    if both_ends:
+        ends = torch.stack([lo + margin * width, hi - margin * width], dim=1)
+    else:
+        ends = ((lo + hi) / 2).unsqueeze(1)
+    ends = ends.clamp(0.0, 1.0 - 2.0**-53)
+    sel = e_idx.repeat_interleave(ends.shape[1])
+    n, token = run(tok_e[sel], None if q_e is None else q_e[sel], p_e[sel], coins[sel], ends.reshape(-1))
+    n, token = n.view(-1, ends.shape[1]), token.view(-1, ends.shape[1])
+    bad = ((n != n[:, :1]) | (token != token[:, :1])).any(-1)
+    assert not bool(bad.any()), (f"sampler output changes inside {int(bad.sum())} inverse-CDF intervals "
+                                 "(its token boundaries are not those of its own residual rows)")
+    law = torch.zeros(b * (k + 1) * v, dtype=p.dtype, device=p.device)
+    cell = (row[e_idx] * (k + 1) + n[:, 0].long()) * v + token[:, 0].long()
+    law.index_add_(0, cell, w_e[e_idx] * width)
+    return law.view(b, k + 1, v)
+
+
+def single_chain_law(inst: TreeInstance, method: str | LevelsFn, *, sampler: bool = False,
+                     backend: str = "torch", margin: float = 1e-9, run=None,
+                     both_ends: bool = True) -> tuple[Tensor, float]:
+    """(completed output law [V^(K+1)], E[num_accepted]) of verify with drafts sampled from q.
+
+    sampler=False: from the law functions (``decision_law``); sampler=True: from the sampling code
+    itself (``sampler_decision_law`` with ``backend``, ``margin`` and ``run``).
+    """
     tokens = all_sequences(inst.vocab, inst.depth)
     tokens = tokens[draft_prob(inst, tokens) > 0]  # chains the draft never samples (truncated q)
     q, p = chain_rows(inst, tokens)
     weight = draft_prob(inst, tokens)
-    tau_law, rows = decision_law(tokens, q, p, method)
+    if sampler:
+        joint = sampler_decision_law(tokens, q, p, method, backend=backend, margin=margin, run=run,
+                                     both_ends=both_ends)
+        tau_law, rows = joint.sum(-1), joint
+    else:
+        tau_law, rows = decision_law(tokens, q, p, method)
     out = Emissions(inst)
     for n in range(inst.depth + 1):
-        out.add(tokens, torch.full_like(weight, n, dtype=torch.long), weight * tau_law[:, n], rows[:, n])
+        if sampler:  # rows are the joint law already: weight each chain by its draft probability only
+            out.add(tokens, torch.full_like(weight, n, dtype=torch.long), weight, rows[:, n])
+        else:
+            out.add(tokens, torch.full_like(weight, n, dtype=torch.long), weight * tau_law[:, n], rows[:, n])
     k = torch.arange(inst.depth + 1, dtype=torch.float64)
     return out.completed(), float((weight.unsqueeze(1) * tau_law * k).sum())
 

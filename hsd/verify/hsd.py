@@ -17,28 +17,19 @@ tokens if the final test succeeds. The token comes from (a_{tau+1})_+. Level 1 n
 k = 1..K-1 and coin K-1 is the final test, i.e. ``h`` has the same columns as block verification.
 
 The official code's final test is min(1, R_K) (uncapped), which is not lossless; the capped test
-makes HSD equal in law to block verification (research note hsd_algorithm.md §2.4), which the
-tests check exactly. Raw joints underflow float32 for long blocks, so masses are kept in units of
-Q_{i-1}: a_i / Q_{i-1} = (P~_{i-1} / Q_{i-1}) p_i - q_i, with the coefficient formed in log space.
+makes HSD equal in law to block verification (docs/verification.md, "HSD is block verification"),
+which the tests check exactly. Raw joints underflow float32 for long blocks, so masses are kept in
+units of Q_{i-1}: a_i / Q_{i-1} = c_{i-1} p_i - q_i with c_k = P~_k / Q_k = R_k / max_{j<=k} R_j. That
+coefficient obeys c_k = min(1, c_{k-1} p_k(x_k) / q_k(x_k)) and is formed by this recursion in log
+space (``blockwise.log_weights``), which stays exact at q = 0 and fails closed on NaN.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .blockwise import log_weights
 from .common import Levels, before_start, default_start, draft_token_probs, token_probs
-
-
-def prefix_joints(log_p_tok: Tensor, log_q_tok: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, K] token log-probs -> log P_k, log Q_k [B, K+1] for k = 0..K (P_0 = Q_0 = 1)."""
-    zero = torch.zeros_like(log_p_tok[:, :1])
-    return torch.cat([zero, log_p_tok.cumsum(-1)], -1), torch.cat([zero, log_q_tok.cumsum(-1)], -1)
-
-
-def capped_prefix_weights(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """log P~_k = log P_k - log max_{j<=k} R_j, [B, K+1]. The max includes R_0 = 1, so the cap is
-    never below 1 and P~_k / Q_k <= 1; log P_k = -inf (a zero target probability) stays -inf."""
-    return log_p - (log_p - log_q).cummax(-1).values
 
 
 def branch_masses(coef: Tensor, draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
@@ -69,12 +60,14 @@ def levels(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tenso
     p_tok = token_probs(target_probs, draft_tokens)
     q_tok = draft_token_probs(draft_probs, draft_tokens, target_probs)
     fixed = before_start(start, draft_tokens.shape[1])
-    zero = torch.zeros_like(p_tok)
-    log_p, log_q = prefix_joints(torch.where(fixed, zero, p_tok.log()), torch.where(fixed, zero, q_tok.log()))
-    log_coef = capped_prefix_weights(log_p, log_q) - log_q  # log(P~_k / Q_k), k = 0..K
+    log_ratio = torch.where(fixed, torch.zeros_like(p_tok), p_tok.log() - q_tok.log())
+    log_coef = log_weights(log_ratio)  # log(P~_k / Q_k), k = 0..K
     coef = log_coef.exp()
     plus, minus = branch_masses(coef[:, 1:-1], draft_tokens, draft_probs, target_probs, p_tok)
     d = torch.maximum(plus, minus)
-    not_back = torch.where(d > 0, plus / torch.where(d > 0, d, torch.ones_like(d)), torch.ones_like(d))
+    # 1 - b = plus / max(plus, minus); d = 0 (both 0: w = 1, p = q) never steps back; NaN fails closed.
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    not_back = torch.where(d > 0, plus / safe, (d <= 0).to(d.dtype))
+    not_back = torch.where(torch.isnan(not_back), torch.zeros_like(not_back), not_back)
     h = torch.cat([not_back.clamp(0.0, 1.0), coef[:, -1:]], dim=-1)
     return Levels(h, log_coef, False, p_tok, q_tok, start)

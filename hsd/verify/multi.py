@@ -1,20 +1,30 @@
-"""Multi-draft verification of M chains sampled independently from q (``verify_multi``).
+"""Multi-draft verification of M chains sampled independently from q (``verify_multi``), as one
+call of ``verify_tree`` on the chains' grafted tree.
 
-Chains are visited in order m = 0..M-1. A chain is verified only if its first n tokens equal the
-prefix accepted so far (n tokens of chain ``chain``). It is verified from position n+1 with the
-previous chain's normalised residual as the target row there, later rows p, and fresh state:
+The grafted tree (``chains_to_tree``). Chains are not merged: the root has M children, the first
+tokens of the M chains, duplicates included, each drawn i.i.d. from q. In addition, chain j is
+grafted under every node of an earlier chain m < j whose path it shares: if chain j equals chain m
+on its first d tokens, the node of chain m at depth d gets a child holding chain j's token d+1,
+followed by the rest of chain j (and, recursively, the later chains that share that path). So a
+chain can continue wherever an earlier one stopped, as in recursive rejection sampling chain by
+chain, instead of only at the root as in a plain star of M chains (which accepts fewer tokens).
+Every node keeps the q row of its own chain at its position: given its path, a chain's next token
+is a fresh draw from q. A grafted node whose token equals an earlier sibling's is dead once that
+sibling's subtree fails (the parent's residual is 0 there), which is why the duplicates' shared
+information cannot bias the weighted verifier (docs/tree_verification.md).
 
-- method="hsd": recursive block verification. The chain's suffix runs HSD (= block verification)
-  with weights restarted at w = 1; if it fails after tau more tokens, the residual
-  (w_tau r_{tau+1} - q_{tau+1})_+ becomes the next chain's first target row (research note
-  hsd_algorithm.md §3.2). Lossless because, given a matching prefix, the next chain's suffix is a
-  fresh sample from q and block verification is lossless for any target row.
-- method="tokenwise": recursive rejection sampling, chain by chain (SpecInfer-style).
+- method="tokenwise": recursive rejection sampling on the grafted tree. This is exactly the
+  chain-by-chain recursive rejection sampling (SpecInfer-style) verify_multi has always done,
+  draw for draw with the same uniforms.
+- method="hsd": the weighted tree verifier on the grafted tree: block verification (= HSD) on each
+  chain, residuals carried across chains. Lossless; in exact enumeration it accepts at least as
+  many tokens as recursive block verification (verify_multi's earlier "hsd", which restarted the
+  weights at 1 for every chain) on every instance measured.
 
-A chain that is accepted in full ends the search with the bonus token of that chain. Otherwise
-the token is drawn from the last residual. The sampler and the exact law (``multi_law``) share the
-chain step functions below; the law expands every random tau into a separate state.
-Shapes: B rows, M chains, K tokens per chain, V vocabulary; S = number of states (B for the sampler).
+Coins: node (chain j, position t) grafted at depth d uses coins[:, j, t - d]: its level counted
+from the first unverified position of chain j, as before. Copies of a chain share coins; only one
+of them can ever decide (the others are dead duplicates or never reached).
+Shapes: B rows, M chains, K tokens per chain, V vocabulary, N nodes of the grafted tree.
 """
 from __future__ import annotations
 
@@ -23,96 +33,99 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .api import LevelsFn, VerifyResult, cast_inputs, draw_uniforms, levels_fn
-from .common import Levels, inverse_cdf, normalized, residual_all, residual_at, select_tau, tau_law
+from .api import VerifyResult, cast_inputs, draw_uniforms
+from .tree import PAD, TreeRule, TreeVerifyResult, rule_of, tree_decision_law, verify_tree
 from .validate import check_chain_inputs, check_uniforms
 
 MULTI_METHODS = ("hsd", "tokenwise")
+TREE_METHOD = {"hsd": "weighted", "tokenwise": "rrs"}
 NAMES = ("draft_tokens", "draft_probs", "target_probs")
 
 
-class ChainState(NamedTuple):
-    """Search state of S (batch row, history) pairs.
+class ChainTree(NamedTuple):
+    """The grafted tree of M chains per row: tokens, parents [B, N] (-1 root, -2 padding);
+    chain, position [B, N]: the chain and 0-based position whose token, q row and target row the
+    node holds; coin [B, N]: index into coins.view(B, M * K)."""
 
-    rows [S] batch row; n [S] accepted prefix length; chain [S] chain whose prefix was accepted
-    (the last chain verified); first [S, V] normalised target row at position n+1 for the next
-    chain (valid where has_first [S]); done [S] some chain was accepted in full.
-    """
-
-    rows: Tensor
-    n: Tensor
+    tokens: Tensor
+    parents: Tensor
     chain: Tensor
-    first: Tensor
-    has_first: Tensor
-    done: Tensor
+    position: Tensor
+    coin: Tensor
 
 
-def initial_state(rows: Tensor, vocab: int, dtype: torch.dtype) -> ChainState:
-    s = rows.shape[0]
-    zeros = torch.zeros(s, dtype=torch.long, device=rows.device)
-    false = torch.zeros(s, dtype=torch.bool, device=rows.device)
-    return ChainState(rows, zeros, zeros, torch.zeros(s, vocab, dtype=dtype, device=rows.device), false, false)
+def chains_to_tree(draft_tokens: Tensor) -> ChainTree:
+    """[B, M, K] chains -> their grafted tree, built level by level (nodes listed breadth first;
+    the children of a node are its own chain's next token, then the later chains that share its
+    path, in chain order)."""
+    b, m, k = draft_tokens.shape
+    dev = draft_tokens.device
+    tok = draft_tokens.long()
+    same = tok.unsqueeze(2) == tok.unsqueeze(1)  # [B, M, M, K]: chain j and chain m agree at t
+    ones = torch.ones(b, m, m, 1, dtype=torch.bool, device=dev)
+    shared = torch.cat([ones, same.long().cumprod(-1).bool()], -1)  # [B, M, M, K+1]: first d agree
+    chains = torch.arange(m, device=dev)
+    # Frontier: one entry per node of the current depth (row, slot, owner chain, graft depth).
+    f_row = torch.arange(b, device=dev)
+    f_slot = torch.zeros(b, dtype=torch.long, device=dev)
+    f_owner = torch.zeros(b, dtype=torch.long, device=dev)
+    f_start = torch.zeros(b, dtype=torch.long, device=dev)
+    count = torch.ones(b, dtype=torch.long, device=dev)  # slots used per row (root = 0)
+    parts = []
+    for d in range(k):
+        row = f_row.repeat_interleave(m)
+        owner = f_owner.repeat_interleave(m)
+        j = chains.repeat(f_row.shape[0])
+        ok = (j >= owner) & shared[row, j, owner, d]
+        row, j, owner = row[ok], j[ok], owner[ok]
+        parent = f_slot.repeat_interleave(m)[ok]
+        start = torch.where(j == owner, f_start.repeat_interleave(m)[ok], d)
+        per_row = torch.bincount(row, minlength=b)
+        offset = per_row.cumsum(0) - per_row
+        slot = count[row] + torch.arange(row.shape[0], device=dev) - offset[row]
+        count = count + per_row
+        parts.append((row, slot, tok[row, j, d], parent, j, torch.full_like(j, d), start))
+        f_row, f_slot, f_owner, f_start = row, slot, j, start
+    n = int(count.max()) - 1
+    out = [torch.zeros(b, n, dtype=torch.long, device=dev) for _ in range(5)]
+    out[1].fill_(PAD)
+    for row, slot, token, parent, j, pos, start in parts:
+        i = slot - 1
+        out[0][row, i] = token
+        out[1][row, i] = parent - 1  # slot 0 (root) -> -1
+        out[2][row, i] = j
+        out[3][row, i] = pos
+        out[4][row, i] = j * k + pos - start
+    return ChainTree(*out)
 
 
-def eligible(state: ChainState, m: int, tokens: Tensor) -> Tensor:
-    """[S] bool: chain m is still to be verified and its first n tokens equal the accepted prefix."""
-    k = tokens.shape[-1]
-    current = tokens[state.rows, state.chain]
-    candidate = tokens[state.rows, m]
-    outside = torch.arange(k, device=tokens.device).unsqueeze(0) >= state.n.unsqueeze(1)
-    return ~state.done & ((current == candidate) | outside).all(-1)
+def tree_rows(tree: ChainTree, draft_probs: Tensor, target_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """q rows [B, N, V] and target rows [B, N+1, V] of the grafted tree's nodes (slot 0 = root)."""
+    rows = torch.arange(tree.tokens.shape[0], device=tree.tokens.device).unsqueeze(1)
+    q = draft_probs[rows, tree.chain, tree.position]
+    p = torch.cat([target_probs[:, 0, :1], target_probs[rows, tree.chain, tree.position + 1]], dim=1)
+    return q, p
 
-
-def chain_inputs(state: ChainState, m: int, tokens: Tensor, draft_probs: Tensor,
-                 target_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Chain m's tokens [S, K], q rows [S, K, V] and target rows [S, K+1, V], with the carried
-    residual substituted as the target row at position n+1 (row index n)."""
-    k = tokens.shape[-1]
-    p = target_probs[state.rows, m]
-    at_n = torch.arange(k + 1, device=p.device).unsqueeze(0) == state.n.unsqueeze(1)
-    swap = (at_n & state.has_first.unsqueeze(1)).unsqueeze(-1)
-    p = torch.where(swap, state.first.unsqueeze(1), p)
-    return tokens[state.rows, m], draft_probs[state.rows, m], p
-
-
-def chain_levels(state: ChainState, m: int, tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
-                 build: LevelsFn) -> tuple[Levels, Tensor, Tensor, Tensor]:
-    tok, q, p = chain_inputs(state, m, tokens, draft_probs, target_probs)
-    return build(tok, q, p, start=state.n), tok, q, p
-
-
-def advance(state: ChainState, m: int, ok: Tensor, tau: Tensor, first_new: Tensor, k: int) -> ChainState:
-    """State after chain m returned tau (rows where ``ok``): tau = K ends the search, otherwise
-    n = tau and first_new [S, V] (the normalised residual) is carried to the next chain."""
-    full = tau == k
-    fail = ok & ~full
-    return ChainState(
-        rows=state.rows,
-        n=torch.where(ok, tau, state.n),
-        chain=torch.where(ok, torch.full_like(state.chain, m), state.chain),
-        first=torch.where(fail.unsqueeze(1), first_new, state.first),
-        has_first=state.has_first | fail,
-        done=state.done | (ok & full),
-    )
-
-
-def final_rows(state: ChainState, target_probs: Tensor) -> tuple[Tensor, Tensor]:
-    """Row to draw the token from [S, V] (bonus row of the accepted chain, or the carried residual)
-    and its fallback (the target row at position n+1 of the accepted chain)."""
-    k = target_probs.shape[2] - 1
-    bonus = target_probs[state.rows, state.chain, k]
-    at_n = target_probs[state.rows, state.chain, state.n.clamp(max=k)]
-    done = state.done.unsqueeze(1)
-    return torch.where(done, bonus, state.first), torch.where(done, bonus, at_n)
 
 def _prepare(draft_tokens, draft_probs, target_probs, method, validate):
-    if isinstance(method, str) and method not in MULTI_METHODS:
-        raise ValueError(f"method: expected one of {MULTI_METHODS} for verify_multi, got {method!r}")
-    build = levels_fn(method)
+    if isinstance(method, str):
+        if method not in MULTI_METHODS:
+            raise ValueError(f"method: expected one of {MULTI_METHODS} for verify_multi, got {method!r}")
+        rule = rule_of(TREE_METHOD[method])
+    elif isinstance(method, TreeRule):
+        rule = method
+    else:
+        raise ValueError(f"method: expected one of {MULTI_METHODS} (or a TreeRule), got {method!r}")
     if validate:
         check_chain_inputs(draft_tokens, draft_probs, target_probs, names=NAMES, lead=2,
                            allow_point_mass=False)
-    return build, *cast_inputs(draft_tokens, draft_probs, target_probs)
+    return rule, *cast_inputs(draft_tokens, draft_probs, target_probs)
+
+
+def owner_of(tree: ChainTree, last_node: Tensor) -> Tensor:
+    """[B] chain of the last accepted node (0 where only the root was accepted)."""
+    node = last_node.clamp(min=0).unsqueeze(1)
+    return torch.where(last_node >= 0, tree.chain.gather(1, node).squeeze(1), 0)
 
 
 def verify_multi(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, *, method: str = "hsd",
@@ -121,28 +134,33 @@ def verify_multi(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor
     """Lossless verification of M chains per row, sampled independently from q.
 
     draft_tokens [B, M, K]; draft_probs [B, M, K, V] (required); target_probs [B, M, K+1, V] (rows
-    of chains that share a prefix must be equal). method: "hsd" (recursive block verification) or
-    "tokenwise" (recursive rejection sampling). uniforms: optional (coins [B, M, K], u [B]) in [0, 1);
-    chain m uses coins[:, m, j] for its j-th level counted from its first unverified position.
+    of chains that share a prefix must be equal). method: "hsd" (weighted tree verifier on the
+    grafted tree: block verification along each chain) or "tokenwise" (recursive rejection
+    sampling). uniforms: optional (coins [B, M, K], u [B]) in [0, 1); chain m uses coins[:, m, j]
+    for its j-th level counted from its first unverified position.
     Returns VerifyResult with ``chain`` [B]: emitted tokens are
     draft_tokens[b, chain[b], :num_accepted[b]] followed by next_token[b].
     """
-    build, tokens, q, p = _prepare(draft_tokens, draft_probs, target_probs, method, validate)
-    b, m_chains, k = tokens.shape
-    device = p.device
+    rule, tokens, q, p = _prepare(draft_tokens, draft_probs, target_probs, method, validate)
+    b, m, k = tokens.shape
     if uniforms is None:
-        coins, u = draw_uniforms((b, m_chains, k), device, generator)
+        coins, u = draw_uniforms((b, m, k), p.device, generator)
     else:
-        coins, u = check_uniforms(uniforms, (b, m_chains, k), device)
-    state = initial_state(torch.arange(b, device=device), p.shape[-1], p.dtype)
-    for m in range(m_chains):
-        ok = eligible(state, m, tokens)
-        levels, tok, qm, pm = chain_levels(state, m, tokens, q, p, build)
-        tau = select_tau(levels, coins[:, m])
-        residual, fallback = residual_at(levels, tok, qm, pm, tau)
-        state = advance(state, m, ok, tau, normalized(residual, fallback), k)
-    rows, fallback = final_rows(state, p)
-    return VerifyResult(state.n, inverse_cdf(rows, u, fallback), state.chain)
+        coins, u = check_uniforms(uniforms, (b, m, k), p.device)
+    tree, res = verify_chain_tree(tokens, q, p, rule, coins, u)
+    return VerifyResult(res.num_accepted, res.next_token, owner_of(tree, res.last_node))
+
+
+def verify_chain_tree(tokens: Tensor, q: Tensor, p: Tensor, rule: TreeRule, coins: Tensor,
+                      u: Tensor) -> tuple[ChainTree, TreeVerifyResult]:
+    """verify_multi's sampling path on checked inputs: the grafted tree and verify_tree's result."""
+    b, m, k = tokens.shape
+    tree = chains_to_tree(tokens)
+    q_tree, p_tree = tree_rows(tree, q, p)
+    node_coins = coins.reshape(b, m * k).gather(1, tree.coin)
+    res = verify_tree(tree.tokens, tree.parents, q_tree, p_tree, method=rule, uniforms=(node_coins, u),
+                      validate=False)
+    return tree, res
 
 
 class MultiLaw(NamedTuple):
@@ -157,27 +175,14 @@ class MultiLaw(NamedTuple):
 
 
 def multi_law(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
-              method: str | LevelsFn = "hsd") -> MultiLaw:
-    """Exact law of verify_multi's output for fixed chains (no sampling): every random tau of every
-    chain becomes a separate weighted state, advanced with the sampler's own step functions."""
-    build, tokens, q, p = _prepare(draft_tokens, draft_probs, target_probs, method, validate=False)
-    b, m_chains, k = tokens.shape
-    state = initial_state(torch.arange(b, device=p.device), p.shape[-1], p.dtype)
-    prob = torch.ones(b, dtype=p.dtype, device=p.device)
-    taus = torch.arange(k + 1, device=p.device)
-    for m in range(m_chains):
-        ok = eligible(state, m, tokens)
-        levels, tok, qm, pm = chain_levels(state, m, tokens, q, p, build)
-        law = tau_law(levels)  # [S, K+1]
-        # A state that skips chain m keeps all its mass on one child (its tau is ignored).
-        law = torch.where(ok.unsqueeze(1), law, (taus == 0).to(law.dtype).expand_as(law))
-        residual, fallback = residual_all(levels, tok, qm, pm)
-        first_all = normalized(residual, fallback)  # [S, K+1, V]
-        child_prob = prob.unsqueeze(1) * law
-        keep = child_prob > 0
-        parent, tau = keep.nonzero(as_tuple=True)
-        state = ChainState(*(t[parent] for t in state))
-        state = advance(state, m, ok[parent], tau, first_all[parent, tau], k)
-        prob = child_prob[parent, tau]
-    rows, fallback = final_rows(state, p)
-    return MultiLaw(state.rows, prob, state.chain, state.n, normalized(rows, fallback))
+              method: str | TreeRule = "hsd") -> MultiLaw:
+    """Exact law of verify_multi's output for fixed chains (no sampling): the law of verify_tree
+    on the grafted tree, one outcome per node that can be the last accepted one."""
+    rule, tokens, q, p = _prepare(draft_tokens, draft_probs, target_probs, method, validate=False)
+    tree = chains_to_tree(tokens)
+    q_tree, p_tree = tree_rows(tree, q, p)
+    law, rows = tree_decision_law(tree.tokens, tree.parents, q_tree, p_tree, rule)
+    row, slot = (law > 0).nonzero(as_tuple=True)
+    depth = torch.cat([torch.zeros_like(tree.position[:, :1]), tree.position + 1], 1)
+    chain = torch.cat([torch.zeros_like(tree.chain[:, :1]), tree.chain], 1)
+    return MultiLaw(row, law[row, slot], chain[row, slot], depth[row, slot], rows[row, slot])

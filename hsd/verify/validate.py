@@ -10,6 +10,8 @@ ROW_SUM_TOL = 1e-3  # |sum - 1| allowed per probability row (float32 softmax/top
 def row_sum_tolerance(dtype: torch.dtype) -> float:
     """ROW_SUM_TOL, widened to one machine epsilon for bfloat16 rows (8-bit mantissa)."""
     return max(ROW_SUM_TOL, torch.finfo(dtype).eps)
+
+
 TOKEN_DTYPES = (torch.int64, torch.int32)
 PROB_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,8 +99,24 @@ def check_chain_inputs(draft_tokens: object, draft_probs: object, target_probs: 
         raise ValueError(f"{qn}: a draft token has zero draft probability (it cannot have been sampled)")
 
 
-def check_uniforms(uniforms: object, coins_shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """uniforms = (coins [coins_shape], u [B]) with values in [0, 1)."""
+def check_not_fp16(*named: tuple[str, object]) -> None:
+    """Refuse float16 probability rows (a dtype check, no sync).
+
+    float16 flushes every probability below ~6e-8 to 0 (at V = 152k that is 17-74% of the tokens of
+    an LLM row, about 4e-4 of the sampled mass): a drafted token can then have q = 0 and the rows are
+    no longer the law that was sampled, so losslessness is lost at that level.
+    """
+    for name, t in named:
+        if isinstance(t, Tensor) and t.dtype == torch.float16:
+            raise ValueError(f"{name}: float16 probabilities are refused (values below 6e-8 round to 0, so "
+                             "the rows are not the sampled law); pass float32 or bfloat16 probabilities, "
+                             "or float16 logits to the serving path")
+
+
+def check_uniforms(uniforms: object, coins_shape: tuple[int, ...], device: torch.device, *,
+                   values: bool = True) -> tuple[Tensor, Tensor]:
+    """uniforms = (coins [coins_shape], u [B]) with values in [0, 1) (that range is checked only if
+    ``values``: it reads the tensors, i.e. syncs with the device)."""
     if not isinstance(uniforms, (tuple, list)) or len(uniforms) != 2:
         raise ValueError("uniforms: expected a pair (coins, u)")
     coins = _tensor("uniforms[0] (coins)", uniforms[0])
@@ -110,6 +128,6 @@ def check_uniforms(uniforms: object, coins_shape: tuple[int, ...], device: torch
             raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name}: on {t.device} but the probabilities are on {device}")
-        if t.numel() and not bool(((t >= 0) & (t < 1)).all()):
+        if values and t.numel() and not bool(((t >= 0) & (t < 1)).all()):
             raise ValueError(f"{name}: values must lie in [0, 1) (and not be NaN)")
     return coins, u

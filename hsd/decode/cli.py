@@ -1,0 +1,296 @@
+"""Decode the bundled prompts with every configuration and the baselines (table, JSON, plots).
+
+``scripts/decode.py`` / ``hsd-train decode``: every configuration and the baselines in one process; print a
+table, write JSON, EAGLE-style answer files and PNG plots.
+
+    python scripts/decode.py --target smollm2-135m --head runs/eagle3/smollm2-135m/final \
+        --exit-head runs/early_exit/smollm2-135m/final --exit-layer 4 --draft-model layers:8 \
+        --temperature 0 1 --k 3 5 --method tokenwise hsd --json decode.json
+
+JSON: ``{"meta": {...}, "runs": [entry, ...], "exit_agreement": {...}, "planner": {...}}``; one entry per
+configuration with at least ``name, temperature, k, method, tau, tokens_per_s, speedup_vs_generate,
+exact_match (T = 0), per_position_acceptance, verify_cost_ratio`` (see ``hsd.decode.evaluate.report_run``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="decode", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="smollm2-135m", help="short name, model folder or Hub id")
+    ap.add_argument("--head", help="EAGLE-3 head folder (save_pretrained) or Hub id")
+    ap.add_argument("--exit-head", help="early-exit head folder, or a training output folder with layer_<l>/ heads")
+    ap.add_argument("--exit-layer", type=int, nargs="+", help="exit layers to decode with (default: every head "
+                                                              "found; all found heads get the agreement report)")
+    ap.add_argument("--exit-window", type=int, default=1, help="window tokens before the full target pass")
+    ap.add_argument("--draft-model", help="HF draft model (folder / Hub id) or layers:N (a layer-truncated copy "
+                                          "of the target, for targets without a smaller sibling)")
+    ap.add_argument("--prompts", nargs="+", help="JSONL prompt files (default: the bundled held-out prompts "
+                                                 "and multi-turn prompts)")
+    ap.add_argument("--num-prompts", type=int, default=0, help="use N prompts, spread over the sources (0 = all)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--k", type=int, nargs="+", default=[3, 5], help="draft lengths")
+    ap.add_argument("--baseline-k", type=int, nargs="+",
+                    help="draft lengths of the HF prompt-lookup / assisted baselines (default: --k)")
+    ap.add_argument("--method", nargs="+", default=["tokenwise", "hsd"],
+                    help="verifiers at T > 0 (tokenwise, blockwise, hsd); T = 0 uses greedy_verify")
+    ap.add_argument("--backend", nargs="+", default=["torch"], help="torch and/or triton")
+    ap.add_argument("--tree", action="store_true", help="tree drafts (not implemented yet: a later issue)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
+    ap.add_argument("--no-lookup", action="store_true", help="skip this engine's prompt-lookup drafter")
+    ap.add_argument("--no-model-drafter", action="store_true",
+                    help="with --draft-model: run it only as the HF assisted baseline, not in this engine")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every configuration (tok/s mean +- std)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-cpu-kernels", action="store_true", help="keep the target's weight layout (hsd.decode.cpu)")
+    ap.add_argument("--json", help="JSON output path (default: <out-dir>/decode.json)")
+    ap.add_argument("--out-dir", help="output folder (default: runs/decode/<time>)")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap
+
+
+def select_prompts(prompts: list, n: int) -> list:
+    """n prompts taken round-robin over the sources, in file order (never just the first rows)."""
+    if not n or n >= len(prompts):
+        return prompts
+    groups: dict[str, list] = {}
+    for p in prompts:
+        groups.setdefault(p.group, []).append(p)
+    out, i = [], 0
+    while len(out) < n:
+        for g in groups.values():
+            if i < len(g) and len(out) < n:
+                out.append(g[i])
+        i += 1
+    return out
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
+
+
+def write_answers(path: Path, results, spec) -> None:
+    """EAGLE / Spec-Bench style answer file (question_id, category, choices[0] turns/new_tokens/...)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for r in results:
+            fh.write(json.dumps({
+                "question_id": r.id, "category": r.group, "model_id": spec.name,
+                "choices": [{"index": 0, "turns": r.texts, "new_tokens": [s.new_tokens for s in r.stats],
+                             "wall_time": [s.wall for s in r.stats],
+                             "decoding_steps": [s.target_calls for s in r.stats],
+                             "accept_lengths": [[x.emitted for x in s.rounds] for s in r.stats]}],
+                "tstamp": time.time()}) + "\n")
+
+
+def exit_agreement(models, prompts, outputs) -> dict[str, Any]:
+    """Per exit layer: top-1 agreement of the exit head with the target and alpha = sum min(p_f, p_l) at
+    T = 1, on the target's own greedy outputs (the positions that predicted each generated token)."""
+    import torch
+
+    from .drafters import head_logits_to_target
+    from .prompts import render
+    from .target import TargetRunner
+
+    if not models.exit_heads or not outputs:
+        return {}
+    runner = TargetRunner(models.target)
+    layers = sorted(models.exit_heads)
+    acc = {l_: [0, 0, 0.0] for l_ in layers}
+    by_id = {r.id: r for r in outputs}
+    for p in prompts:
+        r = by_id.get(p.id)
+        if r is None:
+            continue
+        for t, new in enumerate(r.turns):
+            if not new:
+                continue
+            ids = render(models.tokenizer, p, r.texts[:t])
+            x = torch.tensor([ids + new], dtype=torch.long)
+            state = runner.new_state(1, x.shape[1] + 1)
+            rows = slice(len(ids) - 1, x.shape[1] - 1)
+            with torch.no_grad():
+                out = runner.run(state, tokens=x, logit_rows=rows, capture=tuple(layers))
+                pf = torch.softmax(out.logits, -1)
+                top = out.logits.argmax(-1)
+                for layer in layers:
+                    head = models.exit_heads[layer]
+                    lg = head_logits_to_target(head, head.step(hidden_states=out.captured[layer][:, rows]).logits).float()
+                    acc[layer][0] += int((lg.argmax(-1) == top).sum())
+                    acc[layer][1] += top.numel()
+                    acc[layer][2] += float(torch.minimum(pf, torch.softmax(lg, -1)).sum(-1).sum())
+    return {str(k): {"top1_agreement": v[0] / v[1] if v[1] else None, "alpha_T1": v[2] / v[1] if v[1] else None,
+                     "positions": v[1]} for k, v in acc.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tree:
+        print("error: --tree: tree drafting and verification come with a later issue; chains only for now",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluate import Evaluator, build_grid, report_run, spec_settings, timestamp
+    from .loading import load_models
+    from .planner import plan
+    from .prompts import DEFAULT_PROMPT_FILES, load_prompts
+    from .report import plot_all, print_table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for b in args.backend:
+        if b not in ("torch", "triton"):
+            print(f"error: --backend: unknown backend {b!r} (torch, triton)", file=sys.stderr)
+            return 2
+    bad = [m for m in args.method if m not in ("tokenwise", "blockwise", "hsd", "greedy")]
+    if bad:
+        print(f"error: --method: unknown {bad} (tokenwise, blockwise, hsd)", file=sys.stderr)
+        return 2
+    try:
+        prompts = select_prompts(load_prompts(args.prompts or list(DEFAULT_PROMPT_FILES), REPO_ROOT), args.num_prompts)
+        models = load_models(args.target, args.head, args.exit_head, None, args.draft_model,
+                             dtype=args.dtype, device=args.device, stock_copy=not args.no_hf)
+        for layer in args.exit_layer or []:
+            if layer not in models.exit_heads:
+                raise ValueError(f"--exit-layer {layer}: no exit head for it in {args.exit_head} "
+                                 f"(found layers {sorted(models.exit_heads)})")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir or Path("runs/decode") / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out_dir / "decode.json"
+    specs = build_grid(args.temperature, args.k, args.method, args.backend, head=models.head is not None,
+                       exit_layers=args.exit_layer or sorted(models.exit_heads),
+                       draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
+                       exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
+                       model_drafter=not args.no_model_drafter)
+    clock = time.process_time if args.device == "cpu" else time.perf_counter
+    ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels, stage_clock=clock)
+    meta = {"started": timestamp(), "argv": sys.argv if argv is None else argv, "target": args.target,
+            "head": args.head, "exit_head": args.exit_head, "draft_model": models.draft_note or None,
+            "prompts": {g: sum(1 for p in prompts if p.group == g) for g in dict.fromkeys(p.group for p in prompts)},
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_kernels": not args.no_cpu_kernels, "batch_size": 1, "draft_shape": "chain",
+            "stage_clock": "process CPU time" if args.device == "cpu" else "wall",
+            "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
+            "git_commit": _git_commit(), "load_average_start": _loadavg()}
+    results: dict[str, list] = {}
+    entries: list[dict] = []
+    report: dict[str, Any] = {"meta": meta, "runs": entries}
+
+    def entry_of(spec):
+        res = results[spec.name]
+        tn = f"T{spec.temperature:g}"
+        ar, gen = f"{tn}/ar", f"{tn}/hf_generate"
+        ref = results.get(gen) or results.get(ar)
+        t1 = None
+        if ar in results:
+            from .evaluate import merge_turns
+            from .stats import summarize
+            t1 = summarize([merge_turns(r) for r in results[ar]])["target_pass_ms"].get(1)
+        base = {k: next((e for e in entries if e["name"] == n), None) for k, n in (("generate", gen), ("ar", ar))}
+        e = report_run(spec, res, reference=ref if spec.temperature == 0 else None, t1_ms=t1, baselines=base,
+                       settings=spec_settings(spec, models))
+        if spec.name in rep_tps:
+            import statistics
+            e["tokens_per_s_repeats"] = rep_tps[spec.name]
+            if len(rep_tps[spec.name]) > 1:
+                e["tokens_per_s_std"] = statistics.stdev(rep_tps[spec.name])
+        return e
+
+    rep_tps: dict[str, list[float]] = {}
+    total = len(specs) * len(prompts) * args.repeats
+    console.print(f"[bold]{len(specs)} configurations x {len(prompts)} prompts x {args.repeats} repeat(s)[/bold] "
+                  f"-> {out_dir}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as prog:
+        task = prog.add_task("all", total=total)
+        for spec in specs:
+            sub = prog.add_task(spec.name, total=len(prompts) * args.repeats)
+            runs = []
+            for _ in range(args.repeats):
+                res = ev.run(spec, prompts, on_prompt=lambda s=sub: (prog.advance(s), prog.advance(task)))
+                runs.append(res)
+                from .evaluate import merge_turns
+                from .stats import summarize
+                rep_tps.setdefault(spec.name, []).append(summarize([merge_turns(r) for r in res])["tokens_per_s_macro"])
+            results[spec.name] = [r for res in runs for r in res]
+            prog.remove_task(sub)
+            write_answers(out_dir / "answers" / f"{_safe(spec.name)}.jsonl", runs[0], spec)
+            entries[:] = [entry_of(s) for s in specs if s.name in results]
+            e = entries[-1]
+            prog.console.print(f"{spec.name}: tau {e['tau']:.2f}, {e['tokens_per_s_macro']:.1f} tok/s, "
+                               f"{e['tokens_per_cpu_s'] or 0:.1f} tok/CPU-s"
+                               + (f", x{e['speedup_vs_generate']:.2f} vs generate (x{e['speedup_vs_generate_cpu']:.2f} "
+                                  "CPU time)" if e.get("speedup_vs_generate") and e.get("speedup_vs_generate_cpu") else ""))
+            json_path.write_text(json.dumps(report, indent=1, default=str))
+    greedy_ref = results.get("T0/hf_generate") or results.get("T0/ar")
+    if models.exit_heads and greedy_ref:
+        report["exit_agreement"] = exit_agreement(models, prompts, greedy_ref)
+    report["planner"] = plan(entries)
+    report["meta"]["finished"] = timestamp()
+    report["meta"]["load_average_end"] = _loadavg()
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    print_table(entries, console)
+    if report.get("exit_agreement"):
+        console.print("exit heads on the target's greedy outputs: " + ", ".join(
+            f"layer {k}: top-1 {v['top1_agreement']:.3f}, alpha(T=1) {v['alpha_T1']:.3f}"
+            for k, v in report["exit_agreement"].items()))
+    for t, b in report["planner"]["best"].items():
+        console.print(f"planner {t}: best predicted {b['name']}: {b['predicted_tokens_per_s']:.1f} tok/s "
+                      f"(x{b['predicted_speedup_vs_ar']:.2f} vs our AR)")
+    for row in report["planner"]["predicted_vs_measured"]:
+        m = row["measured_tpot_ms"]
+        console.print(f"  {row['name']}: predicted {1e3 / row['predicted_tpot_ms']:.1f} tok/s, measured "
+                      f"{(1e3 / m) if m else float('nan'):.1f} tok/s (decode only)")
+    if not args.no_plots:
+        for p in plot_all(entries, out_dir):
+            console.print(f"wrote {p}")
+    console.print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Planner: from measured acceptance and measured stage costs, pick K, the exit stage and its window.
+
+Pure arithmetic over the entries ``scripts/decode.py`` writes (no models). Costs are in milliseconds as
+measured in the same run; acceptance is taken as measured per position (chains: the chance that draft i
+is accepted does not depend on how many drafts follow it, so the per-position rates of a K = 5 run also
+predict K = 1..5).
+
+Two-level (draft -> target), per round: ``time = K * c_draft + c_pass(K + 1) + c_other``,
+``tokens = 1 + sum_{i<=K} reach_i``.
+Three-level (draft -> exit head -> target), per window, i.i.d. acceptance: stage-1 rounds of ``K`` drafts
+(acceptance ``beta`` per position toward p_l, cost ``K * c_draft + c_stage1``) until the window holds
+``>= N`` tokens, then one final pass (cost ``c_final``) that accepts each window position with the
+exit head's agreement ``a``: the renewal-reward ratio of the research note (exact under i.i.d.).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def expected_tokens(alpha: float, w: int) -> float:
+    """Tokens emitted by one verification of w i.i.d. tokens accepted w.p. alpha (incl. the bonus)."""
+    return float(w + 1) if alpha >= 1.0 else (1.0 - alpha ** (w + 1)) / (1.0 - alpha)
+
+
+def three_level(k: int, n: int, beta: float, a: float, c_round: float, c_final: float) -> tuple[float, float]:
+    """(expected tokens per window, expected ms per window) for K drafts per stage-1 round, window >= n."""
+    inc = {j + 1: (beta ** j * (1 - beta) if j < k else beta ** k) for j in range(k + 1)}
+    dist, win, rounds = {0: 1.0}, {}, 0.0
+    while dist:
+        nxt: dict[int, float] = {}
+        for s, ps in dist.items():
+            rounds += ps
+            for x, px in inc.items():
+                d = win if s + x >= n else nxt
+                d[s + x] = d.get(s + x, 0.0) + ps * px
+        dist = nxt
+    tokens = sum(p * expected_tokens(a, w) for w, p in win.items())
+    return tokens, rounds * c_round + c_final
+
+
+def _interp(table: dict[int, float], n: int) -> float | None:
+    if not table:
+        return None
+    if n in table:
+        return table[n]
+    keys = sorted(table)
+    lo = max([k for k in keys if k < n], default=None)
+    hi = min([k for k in keys if k > n], default=None)
+    if lo is None:
+        return table[hi]
+    if hi is None:
+        return table[lo]
+    return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
+
+
+def _decode_ms_per_token(e: dict) -> float | None:
+    return e.get("tpot_ms") or None
+
+
+def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Predicted vs measured decode speed of every engine configuration, and the best predicted setting
+    per temperature (K in 1..K_max, exit stage on/off, window)."""
+    out: dict[str, Any] = {"predicted_vs_measured": [], "best": {}}
+    temps = sorted({e["temperature"] for e in entries})
+    for temp in temps:
+        es = [e for e in entries if e["temperature"] == temp and e["kind"] == "engine"]
+        ar = next((e for e in es if e["drafter"] == "none"), None)
+        t1 = ar["target_pass_ms"].get(1) if ar else None
+        if not t1:
+            continue
+        passes: dict[int, float] = {1: t1}
+        for e in es:
+            if e["exit_layer"] is None:
+                for n, ms in e["target_pass_ms"].items():
+                    passes.setdefault(int(n), ms)
+        other = (ar["tpot_ms"] - t1) if ar else 0.0  # per-round bookkeeping outside the target pass
+        cands = [{"name": f"T{temp:g}/ar", "k": 0, "exit_layer": None, "predicted_tpot_ms": t1 + other}]
+        for e in es:
+            k = e["k"]
+            if e["drafter"] == "none" or not k:
+                continue
+            reach = [r or 0.0 for r in e["reach_rate"]]
+            c_d = e.get("draft_step_ms") or 0.0
+            if e["exit_layer"] is None:
+                pred = (k * c_d + (_interp(passes, k + 1) or t1) + other) / (1 + sum(reach[:k]))
+                out["predicted_vs_measured"].append({"name": e["name"], "predicted_tpot_ms": pred,
+                                                     "measured_tpot_ms": _decode_ms_per_token(e)})
+                for kk in range(1, len(reach) + 1):
+                    p = (kk * c_d + (_interp(passes, kk + 1) or t1) + other) / (1 + sum(reach[:kk]))
+                    cands.append({"name": f"{e['drafter']} K={kk} ({e['method']})", "k": kk, "exit_layer": None,
+                                  "drafter": e["drafter"], "predicted_tpot_ms": p})
+            else:
+                st = e.get("stage1") or {}
+                beta = (st.get("draft_accept_rate") or 0.0)
+                a = e.get("draft_accept_rate") or 0.0
+                n1 = max(1, st.get("rounds") or 1)
+                c_s = 1e3 * e["time_breakdown_s"].get("stage1", 0.0) / n1
+                rounds = max(1, e.get("rounds") or 1)
+                c_f = 1e3 * e["time_breakdown_s"].get("target", 0.0) / rounds
+                n = e.get("exit_window") or 1
+                tok, ms = three_level(k, n, beta, a, k * c_d + c_s, c_f + other)
+                out["predicted_vs_measured"].append({"name": e["name"], "predicted_tpot_ms": ms / tok,
+                                                     "measured_tpot_ms": _decode_ms_per_token(e)})
+                for kk in range(1, k + 1):
+                    for nn in range(1, 5):
+                        tk, m = three_level(kk, nn, beta, a, kk * c_d + c_s, c_f + other)
+                        cands.append({"name": f"{e['drafter']} K={kk} + exit {e['exit_layer']} window {nn}",
+                                      "k": kk, "exit_layer": e["exit_layer"], "exit_window": nn,
+                                      "drafter": e["drafter"], "predicted_tpot_ms": m / tk})
+        best = min(cands, key=lambda c: c["predicted_tpot_ms"])
+        best["predicted_tokens_per_s"] = 1e3 / best["predicted_tpot_ms"]
+        best["predicted_speedup_vs_ar"] = (t1 + other) / best["predicted_tpot_ms"]
+        out["best"][f"T{temp:g}"] = best
+    return out

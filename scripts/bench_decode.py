@@ -1,0 +1,272 @@
+"""Decode-step costs, as ratios against baselines measured in the same run (CPU or GPU).
+
+Per weight layout (on the CPU: the stock nn.Linear layout and this engine's, see hsd.decode.cpu) it
+prints, medians of interleaved repetitions:
+
+* the target pass over n = 1..8 new tokens at a fixed context, as a ratio to the 1-token step
+  (``verify_cost_ratio`` for n = K + 1), and the LM head alone;
+* an EAGLE-3 draft step (a head of the target's shape) as a ratio to the 1-token step;
+* ``hsd.verify`` per method and backend for K = 3 and 5 over the full vocabulary, and its share of one
+  speculative round (draft K steps + one K+1 pass + verify; the goal on a GPU is < 1 %);
+* plain decoding: this engine without a drafter vs Hugging Face ``generate`` (time per token).
+
+    python scripts/bench_decode.py --target smollm2-135m                # the real model, here
+    python scripts/bench_decode.py --random-config path/config.json    # random weights of that shape
+
+Costs do not depend on weight values, so a random model of the target's shape (``--random-config``)
+measures the same ratios where the checkpoint cannot travel (e.g. a GPU machine). ``--json`` saves it all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+CLOCK = {"clock": time.perf_counter}
+
+
+def interleaved(fns: dict, reps: int, dev: torch.device) -> dict:
+    """Median seconds of each callable, measured round-robin so that load changes hit all alike (CPU time
+    of this process on the CPU, which other processes' load does not inflate; wall time on a GPU)."""
+    clock = CLOCK["clock"]
+    for f in fns.values():  # warm-up
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync(dev)
+            t0 = clock()
+            f()
+            sync(dev)
+            ts[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def load(args):
+    from hsd.models.resolve import load_target, parse_dtype
+
+    dev = torch.device(args.device)
+    dtype = parse_dtype(args.dtype, dev)
+    if args.random_config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(args.random_config)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).to(dev, dtype).eval().requires_grad_(False)
+        name = f"random weights, shape of {args.random_config}"
+    else:
+        model, _ = load_target(args.target, dtype=dtype, device=dev)
+        name = args.target
+    return model, name, dev, dtype
+
+
+def make_head(target, dev, dtype, path: str | None):
+    from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel, load_draft
+
+    if path:
+        return load_draft(path, target).to(dev, dtype).eval()
+    torch.manual_seed(1)
+    head = Eagle3DraftModel(Eagle3Config.from_target(target.config, 4096)).to(dev, dtype)
+    return head.set_target_embedding(target).eval()
+
+
+def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
+    """Pass costs, draft step and verify share with one weight layout."""
+    from hsd.decode import DecodeConfig, Eagle3Drafter, SpeculativeDecoder
+    from hsd.decode.sampling import process_logits
+    from hsd.verify import verify
+
+    dec = SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=cpu_kernels), cpu_kernels=cpu_kernels)
+    runner = dec.runner
+    ctx = args.context
+    v = runner.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, v, (1, ctx + 16), generator=g).to(dev)
+    state = runner.new_state(1, ctx + 32)
+    runner.run(state, tokens=ids[:, :ctx], logit_rows=slice(-1, None))
+    ns = list(range(1, max(args.max_tokens, 6) + 1))  # K + 1 for K = 3 and 5 at least
+
+    def pass_of(n):
+        def f():
+            runner.run(state, tokens=ids[:, ctx:ctx + n], logit_rows=slice(None), capture=dec.drafter.feature_layers)
+            state.crop(ctx)
+        return f
+
+    h = torch.randn(1, 8, runner.hidden_size, device=dev, dtype=runner.dtype)
+
+    def head_of(n):
+        return lambda: runner.logits(h[:, :n])
+
+    fns = {("pass", n): pass_of(n) for n in ns}
+    fns.update({("lm_head", n): head_of(n) for n in (1, 4, 6)})
+    # one EAGLE-3 draft step (chained row) at the same context
+    drafter = dec.drafter
+    feats = torch.randn(1, ctx, 3 * runner.hidden_size, device=dev, dtype=runner.dtype)
+    drafter.commit(ids[:, : ctx + 1], feats, 0)
+    drafter.propose(1, DecodeConfig().sampling)  # feeds the feature rows once
+    base = drafter.cache.length
+    hh = torch.randn(1, 1, head.config.hidden_size, device=dev, dtype=runner.dtype)
+
+    def draft_step():
+        out = head.forward_step(input_ids=ids[:, :1], hidden=hh, cache=drafter.cache,
+                                position_ids=torch.tensor([[base]], device=dev))
+        drafter.cache = out.cache
+        drafter.cache.crop(base)
+        process_logits(out.logits[:, -1], 1.0)
+
+    fns[("draft", 1)] = draft_step
+    # verification over the full vocabulary
+    for k in (3, 5):
+        tok = torch.randint(0, v, (1, k), generator=g).to(dev)
+        q = torch.softmax(torch.randn(1, k, v, generator=g), -1).to(dev)
+        p = torch.softmax(torch.randn(1, k + 1, v, generator=g), -1).to(dev)
+        for method in args.methods:
+            for backend in args.backends:
+                fns[("verify", k, method, backend)] = (
+                    lambda tok=tok, q=q, p=p, m=method, b=backend: verify(tok, q, p, method=m, backend=b,
+                                                                         validate=False))
+    t = interleaved(fns, args.reps, dev)
+    t1 = t[("pass", 1)]
+    out = {"t1_ms": 1e3 * t1, "pass_ms": {n: 1e3 * t[("pass", n)] for n in ns},
+           "pass_ratio": {n: t[("pass", n)] / t1 for n in ns},
+           "lm_head_ms": {n: 1e3 * t[("lm_head", n)] for n in (1, 4, 6)},
+           "draft_step_ms": 1e3 * t[("draft", 1)], "draft_ratio": t[("draft", 1)] / t1, "verify": {}}
+    for key, sec in t.items():
+        if key[0] == "verify":
+            _, k, method, backend = key
+            rnd = k * t[("draft", 1)] + t[("pass", k + 1)] + sec
+            out["verify"][f"k{k}/{method}/{backend}"] = {"ms": 1e3 * sec, "share_of_round": sec / rnd}
+    return out
+
+
+def bench_plain(model, stock, dev, args) -> dict:
+    """Time per token of plain decoding: this engine (no drafter) on ``model`` vs HF generate on ``stock``
+    (an untouched copy, as users run generate), same prompt, interleaved."""
+    from hsd.decode import DecodeConfig, SpeculativeDecoder
+
+    v = int(model.config.vocab_size)
+    ids = torch.randint(0, v, (1, args.context), generator=torch.Generator().manual_seed(2)).to(dev)
+    n = args.plain_tokens
+    dec = SpeculativeDecoder(model, cpu_kernels=args.cpu_kernels_for_plain)
+    cfg = DecodeConfig(max_new_tokens=n, eos_token_id=[])
+
+    def ours():
+        dec.generate(ids, config=cfg)
+
+    def hf():
+        stock.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n, pad_token_id=0)
+
+    t = interleaved({"ours": ours, "hf": hf}, max(2, args.reps // 4), dev)
+    return {"ours_ms_per_token": 1e3 * t["ours"] / n, "hf_generate_ms_per_token": 1e3 * t["hf"] / n,
+            "ours_vs_hf_speed": t["hf"] / t["ours"]}
+
+
+def bench_configs(model, head, dev, args) -> dict:
+    """Time per token of whole decoding runs per configuration (AR, and the head at K = 3, 5 with each
+    verifier), and the verifier's share of the decode time, from the engine's own timers."""
+    from hsd.decode import DecodeConfig, Eagle3Drafter, NoDrafter, SpeculativeDecoder, summarize
+
+    v = int(model.config.vocab_size)
+    ids = torch.randint(0, v, (1, args.context), generator=torch.Generator().manual_seed(3)).to(dev)
+    ck = dev.type == "cpu"
+    clock = CLOCK["clock"]
+    decs = {"none": SpeculativeDecoder(model, NoDrafter(), cpu_kernels=ck, stage_clock=clock),
+            "eagle3": SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=ck), cpu_kernels=ck, stage_clock=clock)}
+    out = {}
+    for temp in (0.0, 1.0):
+        confs = [("ar", "none", 0, "auto")]
+        methods = ["greedy"] if temp == 0 else args.methods
+        confs += [(f"eagle3-k{k}-{m}", "eagle3", k, m) for k in (3, 5) for m in methods]
+        for name, d, k, m in confs:
+            cfg = DecodeConfig(temperature=temp, k=k, method=m, max_new_tokens=args.plain_tokens, eos_token_id=[])
+            decs[d].generate(ids, config=cfg, seed=0)  # warm-up
+            recs = [decs[d].generate(ids, config=cfg, seed=s).stats for s in range(max(1, args.reps // 5))]
+            sm = summarize(recs)
+            tb = sm["time_breakdown_s"]
+            if CLOCK["clock"] is time.process_time:  # whole decode (bookkeeping included), prefill excluded
+                dec_s = sum(r.cpu for r in recs) - tb.get("prefill", 0.0)
+            else:
+                dec_s = sum(r.wall - r.ttft for r in recs)
+            ntok = sum(max(0, r.new_tokens - 1) for r in recs)
+            out[f"T{temp:g}/{name}"] = {"ms_per_token": 1e3 * dec_s / ntok if ntok else None, "tau": sm["tau"],
+                                        "verify_share": tb.get("verify", 0.0) / dec_s if dec_s else None}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2-135m")
+    ap.add_argument("--random-config", help="config.json: random weights of that shape (costs only)")
+    ap.add_argument("--head", help="EAGLE-3 head folder (default: random head of the target's shape)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--plain-tokens", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=["tokenwise", "blockwise", "hsd"])
+    ap.add_argument("--backends", nargs="+", default=None, help="default: torch (+ triton on a GPU)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--wall", action="store_true", help="time with the wall clock on the CPU too (default: "
+                                                        "process CPU time there, robust to a shared machine)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backends is None:
+        args.backends = ["torch", "triton"] if args.device.startswith("cuda") else ["torch"]
+    model, name, dev, dtype = load(args)
+    CLOCK["clock"] = time.perf_counter if (dev.type != "cpu" or args.wall) else time.process_time
+    stock, _, _, _ = load(args)  # untouched copy: the stock layout and HF generate run on it
+    head = make_head(model, dev, dtype, args.head)
+    report = {"model": name, "device": str(dev), "dtype": str(dtype), "threads": torch.get_num_threads(),
+              "clock": "wall" if CLOCK["clock"] is time.perf_counter else "process CPU time",
+              "context": args.context, "torch": torch.__version__, "layouts": {}}
+    try:
+        import os
+
+        report["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    layouts = [False, True] if dev.type == "cpu" else [False]
+    for ck in layouts:
+        label = "engine (transposed linears + packed LM head)" if ck else "stock nn.Linear layout"
+        r = bench_layout(model if ck else stock, make_head(model if ck else stock, dev, dtype, args.head) if not ck
+                         else head, dev, args, ck)
+        report["layouts"][label] = r
+        print(f"\n== {label}: 1-token step {r['t1_ms']:.2f} ms, draft step {r['draft_ratio']:.3f} x")
+        print("   pass over n tokens / 1-token step: " + "  ".join(f"n={n}: {x:.2f}" for n, x in r["pass_ratio"].items()))
+        print("   LM head ms: " + "  ".join(f"rows={n}: {x:.2f}" for n, x in r["lm_head_ms"].items()))
+        for key, v in r["verify"].items():
+            print(f"   verify {key}: {v['ms']:.3f} ms = {100 * v['share_of_round']:.2f} % of a round")
+    report["configs"] = bench_configs(model, head, dev, args)
+    print("\n== decoding, per configuration (time per output token after the first; verify share of decode time):")
+    for name, r in report["configs"].items():
+        print(f"   {name}: {r['ms_per_token']:.2f} ms/token, tau {r['tau']:.2f}, verify {100 * (r['verify_share'] or 0):.2f} %")
+    args.cpu_kernels_for_plain = dev.type == "cpu"
+    report["plain"] = bench_plain(model, stock, dev, args)
+    p = report["plain"]
+    print(f"\n== plain decoding: ours {p['ours_ms_per_token']:.2f} ms/token, HF generate "
+          f"{p['hf_generate_ms_per_token']:.2f} ms/token -> ours x{p['ours_vs_hf_speed']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

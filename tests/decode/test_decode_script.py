@@ -1,0 +1,107 @@
+"""scripts/decode.py end to end on a tiny chat target with saved heads (table, JSON keys, answer files,
+plots), and the metric / planner arithmetic."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from hsd.decode.cli import main, select_prompts
+from hsd.decode.planner import expected_tokens, three_level
+from hsd.decode.prompts import Prompt
+from hsd.decode.stats import DecodeStats, RoundRecord, summarize
+from tests.decode import decode_fixtures as fx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KEYS = ("name", "temperature", "k", "method", "tau", "tokens_per_s", "speedup_vs_generate", "exact_match",
+        "per_position_acceptance", "verify_cost_ratio")
+
+
+def test_script_end_to_end(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.eagle3_head(t, scale=0.05).save_pretrained(tmp_path / "head")
+    for layer in (2, 5):
+        fx.exit_head(t, "mlp", layer).save_pretrained(tmp_path / "exits" / f"layer_{layer}")
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": f"g{i}", "messages": [{"role": "user", "content": f"what is {i} plus {i}?"}], "source": "gsm8k"}
+            for i in range(2)]
+    rows.append({"id": "m", "source": "chatterbot/x", "messages": [{"role": "user", "content": "one two"},
+                                                                  {"role": "assistant", "content": "x"},
+                                                                  {"role": "user", "content": "three"}]})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = main(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--exit-head",
+               str(tmp_path / "exits"), "--exit-layer", "2", "--draft-model", "layers:2", "--prompts", str(prompts),
+               "--max-new-tokens", "6", "--k", "2", "--temperature", "0", "1", "--method", "tokenwise", "hsd",
+               "--out-dir", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "decode.json").read_text())
+    names = [e["name"] for e in rep["runs"]]
+    for need in ("T0/hf_generate", "T0/ar", "T0/hf_lookup-k2", "T0/hf_assisted-k2", "T0/eagle3-k2-greedy",
+                 "T0/eagle3-k2-greedy+exit2", "T1/eagle3-k2-hsd", "T1/eagle3-k2-tokenwise+exit2", "T1/model-k2-tokenwise"):
+        assert need in names
+    for e in rep["runs"]:
+        assert all(k in e for k in KEYS), e["name"]
+        assert set(e["per_source"]) == {"gsm8k", "multiturn"}
+        if e["temperature"] == 0:
+            assert e["exact_match"] == 1.0, e["name"]  # every T = 0 configuration reproduces generate()
+        if e["kind"] == "engine" and e["k"]:
+            assert len(e["per_position_acceptance"]) == 2 and e["verify_cost_ratio"] or e["exit_layer"]
+    assert set(rep["exit_agreement"]) == {"2", "5"}
+    assert rep["planner"]["best"]["T0"]["predicted_tokens_per_s"] > 0
+    assert len(list((out / "answers").glob("*.jsonl"))) == len(names)
+    assert all((out / f).is_file() for f in ("per_position_acceptance.png", "accept_hist.png", "speed.png",
+                                              "tau_vs_k.png"))
+
+
+def test_select_prompts_spreads_over_sources():
+    ps = [Prompt(f"{g}{i}", g, ["x"]) for g in ("gsm8k", "chat", "code") for i in range(5)]
+    got = select_prompts(ps, 4)
+    assert [p.group for p in got] == ["gsm8k", "chat", "code", "gsm8k"]
+
+
+def test_tau_identity_and_rates():
+    rng = random.Random(0)
+    recs = []
+    for _ in range(20):
+        s = DecodeStats(new_tokens=1)
+        for _ in range(rng.randint(1, 9)):
+            a = rng.randint(0, 3)
+            s.rounds.append(RoundRecord(drafted=3, accepted=a, emitted=a + 1))
+            s.new_tokens += a + 1
+        s.target_calls = len(s.rounds)
+        s.wall = 1.0
+        recs.append(s)
+    out = summarize(recs)
+    assert out["tau"] == pytest.approx(1 + sum(out["reach_rate"]))  # tau = 1 + sum_i P(>= i accepted)
+    assert sum(out["accept_hist"]) == out["rounds"]
+    r = out["reach_rate"]
+    assert out["cond_rate"][1] == pytest.approx(r[1] / r[0])
+
+
+def test_planner_three_level_matches_monte_carlo():
+    rng = random.Random(1)
+    k, n, beta, a = 2, 3, 0.6, 0.4
+    tok_mc = cost_mc = 0.0
+    for _ in range(40000):
+        w = rounds = 0
+        while w < n:
+            j = 0
+            while j < k and rng.random() < beta:
+                j += 1
+            w += j + 1
+            rounds += 1
+        j = 0
+        while j < w and rng.random() < a:
+            j += 1
+        tok_mc += j + 1
+        cost_mc += rounds * 1.0 + 5.0
+    tok, cost = three_level(k, n, beta, a, 1.0, 5.0)
+    assert tok == pytest.approx(tok_mc / 40000, rel=0.02) and cost == pytest.approx(cost_mc / 40000, rel=0.02)
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
