@@ -80,7 +80,7 @@ def make_head(target, dev, dtype, path: str | None):
         return load_draft(path, target).to(dev, dtype).eval()
     torch.manual_seed(1)
     head = Eagle3DraftModel(Eagle3Config.from_target(target.config, 4096)).to(dev, dtype)
-    return head.set_target_embedding(target).eval()
+    return head.attach_target(target).eval()
 
 
 def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:

@@ -276,7 +276,7 @@ def load_exported_eagle3(folder: str | os.PathLike, target: torch.nn.Module | No
         if int(tc.vocab_size) != model.config.vocab_size:
             raise ValueError(f"head {str(folder)!r} was trained for a vocabulary of {model.config.vocab_size} tokens "
                              f"but the target has {tc.vocab_size}")
-        model.set_target_embedding(target)
+        model.attach_target(target)
         model.embed_tokens = model.embed_tokens.to(model.fc.weight.dtype)
     return model
 

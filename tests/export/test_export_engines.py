@@ -37,7 +37,7 @@ def chain_logits(head, engines, feats, tokens, positions, chained: int = 2):
     """Target-space logits of the training head and of each engine: prefill rows + ``chained`` steps."""
     b, t = tokens.shape
     ref_out = head.forward_step(tokens, positions, features=feats)
-    ref = [head.draft_logits_to_target(ref_out.logits.float())]
+    ref = [head.draft_vocab.scatter_logits(ref_out.logits.float())]
     eng_cache = [EngineCache() for _ in engines]
     outs = [[] for _ in engines]
     hidden_e = []
@@ -52,7 +52,7 @@ def chain_logits(head, engines, feats, tokens, positions, chained: int = 2):
         pos = torch.full((b, 1), t - 1 + s)
         step = head.forward_step(nxt, pos, cache, hidden=hidden)
         cache, hidden = step.cache, step.hidden
-        last = head.draft_logits_to_target(step.logits.float())
+        last = head.draft_vocab.scatter_logits(step.logits.float())
         ref.append(last)
         for i, eng in enumerate(engines):
             logits, h = eng.step(nxt, pos, eng_cache[i], hidden=hidden_e[i])
@@ -208,7 +208,7 @@ def test_parity_on_smollm2_features(tmp_path):
     target, tok = resolve.load_target("smollm2-135m")
     head = perturbed_head(target, draft_vocab_size=4096, seed=3, logit_scale=1.0, layer_scale=1.0)
     with torch.no_grad():
-        head.lm_head.weight.copy_(target.lm_head.weight[head.draft_ids] + 0.01 * head.lm_head.weight)
+        head.lm_head.weight.copy_(target.lm_head.weight[head.draft_vocab.target_ids] + 0.01 * head.lm_head.weight)
     final = write_head_run(tmp_path, head, "smollm2-135m")
     export_head(final, tmp_path / "fp32", dtype="float32", clean_process=False)
     export_head(final, tmp_path / "bf16", clean_process=False)
