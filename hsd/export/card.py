@@ -153,6 +153,17 @@ def eagle3_summary(src: HeadSource, target: TargetInfo, *, fmt: str, dtype: str,
     return path_free(out)
 
 
+def _load_snippet(repo_ref: str, import_line: str, call: str, sub: str = "") -> str:
+    """Python lines loading the head from ``repo_ref`` (a Hub repo id, downloaded first, or a local folder),
+    optionally its subfolder ``sub``; ``call`` names the path as ``{path}``."""
+    if repo_ref.startswith((".", "/", "~")) or repo_ref.count("/") != 1:
+        path = repr(f"{repo_ref}/{sub}" if sub else repo_ref)
+        return f"{import_line}\n" + call.format(path=path) + "\n"
+    path = f'f"{{folder}}/{sub}"' if sub else "folder"
+    return (f"from huggingface_hub import snapshot_download\n{import_line}\n"
+            f"folder = snapshot_download({repo_ref!r})\n" + call.format(path=path) + "\n")
+
+
 def _yaml_list(name: str, values: list[str]) -> str:
     return f"{name}:\n" + "".join(f"- {v}\n" for v in values)
 
@@ -248,8 +259,9 @@ def eagle3_card(s: dict[str, Any], repo_ref: str) -> str:
     else:
         out.append("vLLM (the speculators config names the verifier and the number of draft tokens):\n\n"
                    f"```bash\nvllm serve {repo_ref}\n```\n\n")
-    out.append("hsd-train:\n\n```python\nfrom hsd.export import load_exported_eagle3\n"
-               f"head = load_exported_eagle3(\"{repo_ref}\", target=target_model)\n```\n\n")
+    out.append("hsd-train:\n\n```python\n" + _load_snippet(repo_ref, "from hsd.export import load_exported_eagle3",
+                                                          "head = load_exported_eagle3({path}, target=target_model)")
+               + "```\n\n")
 
     out.append("## Aux layer convention\n\n")
     out.append(f"`eagle_aux_hidden_state_layer_ids` = `{ids}` are Hugging Face `output_hidden_states` indices "
@@ -346,9 +358,10 @@ def early_exit_card(s: dict[str, Any], repo_ref: str) -> str:
         head, lens = m.get("trained") or {}, m.get("lens") or {}
         out.append(f"| {layer} | {_fmt(head.get('alpha'))} | {_fmt(lens.get('alpha'))} | {_fmt(head.get('top1'))} | "
                    f"{_fmt(lens.get('top1'))} |\n")
-    out.append("\n## Load\n\n```python\nfrom hsd.models.early_exit import load_head\n"
-               f"head = load_head(\"{repo_ref}/layer_{s['exit_layers'][0]}\", target_model)  # one folder per layer\n"
-               "```\n\n`target_reference.json` names the target these heads belong to.\n\n")
+    out.append("\n## Load\n\n```python\n" + _load_snippet(
+        repo_ref, "from hsd.models.early_exit import load_head",
+        "head = load_head({path}, target_model)  # one folder per exit layer", sub=f"layer_{s['exit_layers'][0]}")
+               + "```\n\n`target_reference.json` names the target these heads belong to.\n\n")
     lic = t.get("licence")
     out.append("## Licence\n\n" + (f"Derived from {target_ref}; carries its licence, **{lic}**.\n" if lic else
                                    f"Derived from {target_ref}; the target's licence terms apply.\n"))

@@ -102,7 +102,7 @@ def untrained_problems(state: dict[str, torch.Tensor], config: dict[str, Any] | 
     out = []
     ones = [k for k in layout.MIDLAYER_NORMS if k in state and bool((state[k].float() == 1.0).all())]
     if len(ones) == len(layout.MIDLAYER_NORMS):
-        out.append(f"weights {ones} are all exactly 1.0, their initial value: this head was never trained "
+        out.append(f"{ones} are all exactly 1.0, their initial value: this head was never trained "
                    "(step 0); export a trained folder such as final/ or best/")
     if config is not None and seed is not None:
         fresh = fresh_init_state(config, seed)
@@ -110,7 +110,7 @@ def untrained_problems(state: dict[str, torch.Tensor], config: dict[str, Any] | 
                 and k != "norm.weight" and k in fresh and fresh[k].shape == v.shape
                 and torch.equal(fresh[k].to(v.dtype), v)]
         if same:
-            out.append(f"weights {same} are bit-equal to a fresh initialisation (torch.manual_seed({seed})): "
+            out.append(f"{same} are bit-equal to a fresh initialisation (torch.manual_seed({seed})): "
                        "this head was never trained (step 0)")
     return out
 
@@ -326,10 +326,10 @@ def export_eagle3(head: str | os.PathLike | HeadSource, out_dir: str | os.PathLi
         target or src.target_name or _missing_target(src), hub_id=target_hub_id,
         revision=target_revision or src.target_revision)
     cfg = src.config
-    problems = _fixed_fields_problems(cfg if not cfg.get("speculators_model_type") else _flatten_speculators(cfg))
+    flat = cfg if not cfg.get("speculators_model_type") else _flatten_speculators(cfg)
+    problems = _fixed_fields_problems(flat)
     if problems:
         raise ExportError(f"{src.folder}/config.json: " + "; ".join(problems))
-    flat = cfg if not cfg.get("speculators_model_type") else _flatten_speculators(cfg)
     _check_against_target(flat, tgt, f"head {str(src.folder)!r}")
     ids = aux_ids_of(flat)
     recorded = src.vocab_info.get("aux_layer_ids")

@@ -182,3 +182,26 @@ def test_every_problem_is_reported_at_once(folder):
     edit_config(folder, lambda c: c.update(tie_word_embeddings=True))
     msg = problems(folder)
     assert "lm_head.weight" in msg and "d2t is float32" in msg and "tie_word_embeddings" in msg
+
+
+def test_trainers_step0_head_is_refused(tmp_path):
+    """The head exactly as the trainer builds it before its first step (set_seed, setup, model): both the
+    all-ones norms and the bit-equal-to-a-seeded-init projections give it away."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from hsd.export import ExportError, export_head
+    from tests.conftest import write_tiny_chat_run
+    from train.eagle3 import Eagle3Task, Eagle3TrainConfig
+
+    root = write_tiny_chat_run(tmp_path)
+    cfg = Eagle3TrainConfig(output_dir=str(root / "run"), target=str(root / "target"), data=[str(root / "chat.jsonl")],
+                            draft_vocab_size=48, ttt_steps=3, report_to="none")
+    set_seed(cfg.seed)
+    task = Eagle3Task(cfg)
+    task.setup(Accelerator(cpu=True))
+    task.save_model(task.model(), root / "run" / "step0")
+    with pytest.raises(ExportError) as err:
+        export_head(root / "run" / "step0", tmp_path / "out", target=str(root / "target"), clean_process=False)
+    assert "are all exactly 1.0, their initial value" in str(err.value)
+    assert "'fc.weight'" in str(err.value) and "bit-equal to a fresh initialisation (torch.manual_seed(0))" in str(err.value)
