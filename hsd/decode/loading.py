@@ -57,7 +57,7 @@ def load_eagle3(path: str, target: nn.Module) -> nn.Module:
     except OSError as err:
         raise ValueError(f"head {path}: cannot load ({err})") from err
     check_head(head, target, path)
-    head.set_target_embedding(target)
+    head.attach_target(target)
     return head.eval()
 
 

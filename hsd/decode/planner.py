@@ -54,6 +54,12 @@ def _interp(table: dict[int, float], n: int) -> float | None:
 
 
 def _decode_ms_per_token(e: dict) -> float | None:
+    """Measured decode time per token on the stage timers' clock: process CPU time when the run timed its
+    stages with it (``cpu_s`` and a "prefill" stage time present), else wall time (``tpot_ms``)."""
+    tb = e.get("time_breakdown_s") or {}
+    n = e.get("decode_tokens") or (e.get("new_tokens", 0) - e.get("prompts", 0))
+    if e.get("cpu_s") and "prefill" in tb and n:
+        return 1e3 * (e["cpu_s"] - tb["prefill"]) / n
     return e.get("tpot_ms") or None
 
 
@@ -73,7 +79,7 @@ def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
             if e["exit_layer"] is None:
                 for n, ms in e["target_pass_ms"].items():
                     passes.setdefault(int(n), ms)
-        other = (ar["tpot_ms"] - t1) if ar else 0.0  # per-round bookkeeping outside the target pass
+        other = max(0.0, (_decode_ms_per_token(ar) or t1) - t1)  # per-round bookkeeping outside the target pass
         cands = [{"name": f"T{temp:g}/ar", "k": 0, "exit_layer": None, "predicted_tpot_ms": t1 + other}]
         for e in es:
             k = e["k"]

@@ -114,6 +114,7 @@ def summarize(records: list[DecodeStats]) -> dict[str, Any]:
     out["ttft_ms"] = 1e3 * mean(s.ttft for s in records) if records else 0.0
     decode_tokens = sum(max(0, s.new_tokens - s.prefills) for s in records)
     out["tpot_ms"] = 1e3 * sum(s.wall - s.ttft for s in records) / decode_tokens if decode_tokens else 0.0
+    out["decode_tokens"] = decode_tokens
     times: dict[str, float] = defaultdict(float)
     for s in records:
         for k, v in s.times.items():

@@ -21,6 +21,7 @@ causal mask). After verification ``KVState.keep`` keeps the committed path (node
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -30,6 +31,33 @@ from torch import Tensor, nn
 from hsd.models import capture as cap
 
 from .cpu import PackedLinear, relayout_linears
+
+ATTENTION = "hsd_sdpa"
+
+
+def gqa_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, dropout: float = 0.0,
+             scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """Attention for the runner's passes: one SDPA call on the key/value heads (``enable_gqa``) instead of
+    transformers' ``repeat_kv`` copy of the whole cache for multi-token queries. ``attention_mask`` is the
+    runner's boolean [B, 1, T, S] mask, or None (a one-token query, or a prefill from an empty cache)."""
+    t = query.shape[2]
+    causal = attention_mask is None and t > 1
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                           is_causal=causal, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION, gqa_sdpa)
+        return True
+    except (ImportError, AttributeError):  # pragma: no cover - transformers without the interface
+        return False
+
+
+_HAS_INTERFACE = _register_attention()
 
 
 class KVState:
@@ -227,12 +255,13 @@ class TargetRunner:
                              f"(max_position_embeddings = {self.max_positions})")
         cos_sin = self.rotary(h, pos)
         captured: dict[int, Tensor] = {}
-        for i in layers:
-            if i in capture:
-                captured[i] = h
-            out = self.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin,
-                                 use_cache=True, **{self._cache_kw: state})
-            h = out[0] if isinstance(out, tuple) else out
+        with self._attention():
+            for i in layers:
+                if i in capture:
+                    captured[i] = h
+                out = self.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin,
+                                     use_cache=True, **{self._cache_kw: state})
+                h = out[0] if isinstance(out, tuple) else out
         if end in capture:
             captured[end] = h
         logits = None
@@ -241,6 +270,20 @@ class TargetRunner:
                 raise ValueError("logits need the last layer (end == num_layers)")
             logits = self.logits(h[:, logit_rows])
         return PassOutput(hidden=h, captured=captured, logits=logits)
+
+    @contextlib.contextmanager
+    def _attention(self):
+        """Use :func:`gqa_sdpa` for this pass when the model runs "sdpa" (restored afterwards, so the
+        model's own forward and ``generate`` are untouched)."""
+        cfg = self.config
+        swap = _HAS_INTERFACE and getattr(cfg, "_attn_implementation", None) == "sdpa"
+        if swap:
+            cfg._attn_implementation_internal = ATTENTION
+        try:
+            yield
+        finally:
+            if swap:
+                cfg._attn_implementation_internal = "sdpa"
 
     @staticmethod
     def _chain_mask(past: int, t: int, device) -> Tensor:

@@ -38,7 +38,7 @@ def eagle3_head(t, vd: int | None = None, seed: int = 1, scale: float = 0.0):
         with torch.no_grad():
             for p in head.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=g))
-    return head.set_target_embedding(t).eval()
+    return head.attach_target(t).eval()
 
 
 def exit_head(t, head_type: str = "mlp", layer: int = 3, seed: int = 2, scale: float = 0.3):

@@ -40,7 +40,7 @@ def test_head_reading_layers_the_target_lacks(tmp_path):
     deep = fx.target("llama", num_layers=12)  # default aux layers [2, 6, 9]
     with pytest.raises(ValueError, match=r"indices \[9\]"):
         load_eagle3(saved_head(tmp_path, deep), fx.target("llama"))  # 8 layers
-    head = Eagle3DraftModel(Eagle3Config.from_target(deep.config, 32)).set_target_embedding(fx.target("llama"))
+    head = Eagle3DraftModel(Eagle3Config.from_target(deep.config, 32)).attach_target(fx.target("llama"))
     with pytest.raises(ValueError, match="has 8 layers"):
         SpeculativeDecoder(fx.target("llama"), Eagle3Drafter(head))
 

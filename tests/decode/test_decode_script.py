@@ -105,3 +105,18 @@ def test_planner_three_level_matches_monte_carlo():
     tok, cost = three_level(k, n, beta, a, 1.0, 5.0)
     assert tok == pytest.approx(tok_mc / 40000, rel=0.02) and cost == pytest.approx(cost_mc / 40000, rel=0.02)
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_module_demo(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hsd.decode.__main__ import main as demo
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.eagle3_head(t).save_pretrained(tmp_path / "head")
+    assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--max-new-tokens", "5",
+                 "--temperature", "1", "--prompt", "what is one plus two?"]) == 0
+    assert "tau" in capsys.readouterr().out
+    assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "nope")]) == 2
