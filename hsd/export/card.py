@@ -191,9 +191,17 @@ def _decode_table(report: dict[str, Any] | None) -> str:
                    f"{_fmt(r['tokens_per_s'], 1)} | {_fmt(r['speedup_vs_generate'], 2)} | {_fmt(r['exact_match'])} | "
                    f"{_fmt(r['per_position_acceptance'])} | {_fmt(r['verify_cost_ratio'], 2)} |\n"
                    for r in report["runs"])
-    ctx = {k: v for k, v in report.items() if k != "runs" and isinstance(v, (str, int, float, bool))}
-    where = ("Measured with hsd-train's `scripts/decode.py`"
-             + (": " + ", ".join(f"{k} = {v}" for k, v in sorted(ctx.items())) if ctx else "") + ".\n\n")
+    meta = report.get("meta") if isinstance(report.get("meta"), dict) else {}
+    ctx = []
+    if isinstance(meta.get("prompts"), dict):
+        ctx.append("prompts " + ", ".join(f"{k} {v}" for k, v in meta["prompts"].items()))
+    for key, label in (("max_new_tokens", "max new tokens"), ("batch_size", "batch size"),
+                       ("draft_shape", "drafts"), ("platform", "machine"), ("torch_threads", "torch threads"),
+                       ("git_commit", "hsd-train")):
+        if meta.get(key) not in (None, ""):
+            ctx.append(f"{label} {meta[key]}")
+    ctx += [f"{k} = {v}" for k, v in sorted(report.items()) if isinstance(v, (str, int, float, bool))]
+    where = "Measured with hsd-train's `scripts/decode.py`" + (" (" + "; ".join(ctx) + ")" if ctx else "") + ".\n\n"
     return where + head + rows + ("\nτ is the mean number of tokens committed per target verification step "
                                   "(accepted draft tokens + the target's own token).\n")
 

@@ -93,7 +93,8 @@ def test_speculators_twin(tiny_run, tmp_path):
 
 def test_card_states_what_the_issue_lists(tiny_run, tmp_path):
     _, _, final = tiny_run
-    report = {"device": "cpu", "runs": [
+    report = {"meta": {"prompts": {"gsm8k": 20, "chat": 20, "code": 10}, "max_new_tokens": 128, "batch_size": 1,
+                       "draft_shape": "chain", "head": "/home/me/runs/final"}, "runs": [
         {"name": "eagle3-k3-greedy", "temperature": 0.0, "k": 3, "method": "greedy", "tau": 1.87,
          "tokens_per_s": 12.5, "speedup_vs_generate": 0.91, "exact_match": True,
          "per_position_acceptance": [0.52, 0.21, 0.09], "verify_cost_ratio": 1.3}]}
@@ -110,6 +111,8 @@ def test_card_states_what_the_issue_lists(tiny_run, tmp_path):
     assert "step 40 of 40" in card and "`chat.jsonl`" in card
     assert "**0.710** from per-step top-1 accuracy" in card  # held-out simulated acceptance
     assert "| eagle3-k3-greedy | 0.00 | 3 | greedy | 1.870 | 12.5 | 0.91 | yes | [0.52, 0.21, 0.09] | 1.30 |" in card
+    assert "(prompts gsm8k 20, chat 20, code 10; max new tokens 128; batch size 1; drafts chain)" in card
+    assert "/home/me" not in json.dumps(res.summary)  # the report's local paths are not published
     assert ("--speculative-config '{\"method\": \"eagle3\", \"model\": \"me/tiny-eagle3\", "
             "\"num_speculative_tokens\": 4}'") in card
     assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path me/tiny-eagle3" in card
