@@ -347,9 +347,10 @@ def validate(folder: str | os.PathLike, target: Any = None, *, clean_process: bo
     seed = 0 if seed is None else int(seed)
     if (folder / "model.safetensors").is_file() and flat:
         _check_weights(folder, flat, fmt, problems, seed)
-    _check_record(folder, ids, flat, problems)
-    if facts:
-        _check_target(flat, facts, source, problems)
+    if flat:  # (a speculators config without transformer_layer_config was already reported)
+        _check_record(folder, ids, flat, problems)
+        if facts:
+            _check_target(flat, facts, source, problems)
     if problems:
         raise ValidationError(folder, problems)
     checks = ["files: config.json + one model.safetensors",
