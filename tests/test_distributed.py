@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsd.models.eagle3 import EXPORT_KEYS
+from hsd.export.layout import EAGLE3_KEYS as EXPORT_KEYS
 from tests.conftest import write_tiny_chat_run
 from train import checkpoint as ckpt
 from train.tracking import read_jsonl

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsd.models.eagle3 import EXPORT_KEYS, Eagle3Config, Eagle3DraftModel, load_draft
+from hsd.export.layout import EAGLE3_KEYS as EXPORT_KEYS
+from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel, load_draft
 from hsd.models.kv import KVCache
 from tests.conftest import tiny_causal_lm
 from train import ttt

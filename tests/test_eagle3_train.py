@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsd.models.eagle3 import EXPORT_KEYS, Eagle3Config, Eagle3DraftModel
+from hsd.export.layout import EAGLE3_KEYS as EXPORT_KEYS
+from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from tests.conftest import tiny_causal_lm, write_tiny_chat_run
 from tests.tiny_tokenizers import tiny_chat_tokenizer
 from train.config import load_config

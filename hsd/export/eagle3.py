@@ -16,8 +16,6 @@ then moved to ``out_dir``; a failed validation leaves nothing behind.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 
 from hsd.export import layout
-from hsd.export.source import ExportError, HeadSource, read_head_folder
+from hsd.export.source import ExportError, HeadSource, read_head_folder, staged_folder
 from hsd.export.target import TargetInfo, describe_target
 
 FORMATS = ("native", "speculators")
@@ -358,21 +356,9 @@ def export_eagle3(head: str | os.PathLike | HeadSource, out_dir: str | os.PathLi
     ref = repo_id or (f"./{out.name}" if out is not None else "./exported-head")
     card = cards.eagle3_card(summary, ref)
 
-    parent = out.parent if out is not None else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hsd-export-", dir=parent))
-    try:
+    with staged_folder(out) as (tmp, files):
         _write_folder(tmp, config, served, src, summary, card)
         result = validate(tmp, target=tgt, clean_process=clean_process)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        if out is not None:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(folder=out, files=files, report=result, card=card, summary=summary)
 
 

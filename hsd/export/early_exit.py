@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hsd.export import layout
-from hsd.export.source import EARLY_EXIT_MODEL_TYPE, ExportError, HeadSource, read_head_folder
+from hsd.export.source import EARLY_EXIT_MODEL_TYPE, ExportError, HeadSource, read_head_folder, staged_folder
 from hsd.export.target import TargetInfo, describe_target
 
 
@@ -107,11 +105,7 @@ def export_early_exit(head: str | os.PathLike | HeadSource, out_dir: str | os.Pa
     ref = repo_id or (f"./{out.name}" if out is not None else "./exported-heads")
     card = cards.early_exit_card(summary, ref)
 
-    parent = out.parent if out is not None else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hsd-export-", dir=parent))
-    try:
+    with staged_folder(out) as (tmp, files):
         from safetensors.torch import save_file
 
         cast = layout.SERVE_DTYPES[dt]
@@ -129,14 +123,6 @@ def export_early_exit(head: str | os.PathLike | HeadSource, out_dir: str | os.Pa
         (tmp / layout.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / layout.CARD_FILE).write_text(card)
         report = validate(tmp, target=tgt)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        if out is not None:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(folder=out, files=files, report=report, card=card, summary=summary)
 
 

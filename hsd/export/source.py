@@ -10,6 +10,11 @@ layer), ``run_info.json`` (planned steps, world size) and ``state.json`` (a chec
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,3 +174,28 @@ def _read_provenance(src: HeadSource) -> None:
         src.exit_metrics = _read_json(f["exit_metrics.json"])
     if "run_info.json" in f:
         src.run_info = _read_json(f["run_info.json"])
+
+
+@contextmanager
+def staged_folder(out: Path | None) -> Iterator[tuple[Path, dict[str, int]]]:
+    """A temporary folder beside ``out`` to write and validate an export in; yields ``(tmp, files)``.
+
+    When the block ends without an error, ``files`` is filled with the relative path and size of every file
+    written, and the folder replaces ``out`` (when given). On any error nothing is left behind.
+    """
+    parent = out.parent if out is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hsd-export-", dir=parent))
+    files: dict[str, int] = {}
+    try:
+        yield tmp, files
+        files.update({p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                      if p.is_file()})
+        if out is not None:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,7 @@ Architecture (docs/eagle3_contract.md; module names ARE the vLLM/SGLang checkpoi
 ids through the ``d2t`` offsets (``target_id = draft_id + d2t[draft_id]``); ``t2d`` [V] marks the target
 ids that are in the draft vocabulary; ``head.draft_vocab`` is the same as a :class:`DraftVocab`.
 
-Saved keys (exactly): ``fc.weight``, ``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight``,
+Saved keys (exactly; ``hsd.export.layout.EAGLE3_KEYS``): ``fc.weight``, ``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight``,
 ``midlayer.self_attn.{q,k,v,o}_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``, ``norm.weight``,
 ``lm_head.weight``, ``d2t``, ``t2d``. The frozen token embedding is a *non-persistent* buffer
 (``embed_tokens``, [V, H]): never trained, never saved; after ``from_pretrained`` call
@@ -46,24 +46,6 @@ try:  # transformers >= 5: init helpers that respect "already loaded" flags
     from transformers import initialization as _init
 except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
-
-EXPORT_KEYS = (
-    "fc.weight",
-    "midlayer.input_layernorm.weight",
-    "midlayer.hidden_norm.weight",
-    "midlayer.self_attn.q_proj.weight",
-    "midlayer.self_attn.k_proj.weight",
-    "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight",
-    "midlayer.post_attention_layernorm.weight",
-    "midlayer.mlp.gate_proj.weight",
-    "midlayer.mlp.up_proj.weight",
-    "midlayer.mlp.down_proj.weight",
-    "norm.weight",
-    "lm_head.weight",
-    "d2t",
-    "t2d",
-)
 
 
 def default_aux_layer_ids(num_target_layers: int) -> list[int]:

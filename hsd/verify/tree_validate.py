@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validate import TOKEN_DTYPES, check_probs, check_token_range
+from .validate import TOKEN_DTYPES, _tensor, check_draft_rows, check_probs, check_token_range
 
 PAD = -2  # parent id of a padding node
 
@@ -12,12 +12,6 @@ PAD = -2  # parent id of a padding node
 def check_method(method: object, allowed: tuple[str, ...]) -> None:
     if not isinstance(method, str) or method not in allowed:
         raise ValueError(f"method: expected one of {allowed}, got {method!r}")
-
-
-def _tensor(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    return x
 
 
 def _on_cycle(parents: list[int], i: int) -> bool:
@@ -100,15 +94,7 @@ def check_tree_inputs(tokens: object, parents: object, draft_probs: object, targ
     check_token_range(tn, t[real], vocab)
     if logits or draft_probs is None:
         return
-    q = _tensor(qn, draft_probs)
-    if q.dim() != 3 or tuple(q.shape[:2]) != (b, n):
-        raise ValueError(f"{qn}: expected shape {(b, n, vocab)}, got {tuple(q.shape)}")
-    if q.shape[-1] != vocab:
-        raise ValueError(f"{qn}: vocabulary size {q.shape[-1]} does not match {pn} ({vocab})")
-    if q.dtype != p.dtype:
-        raise ValueError(f"{qn}: dtype {q.dtype} does not match {pn} dtype {p.dtype}")
-    if q.device != p.device:
-        raise ValueError(f"{qn}: on {q.device} but {pn} is on {p.device}")
+    q = check_draft_rows(qn, draft_probs, pn, p, (b, n))
     check_probs(qn, q[real])
     q_tok = q.gather(-1, torch.where(real, t.long(), 0).unsqueeze(-1)).squeeze(-1)
     zero = real & (q_tok <= 0)

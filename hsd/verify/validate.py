@@ -84,15 +84,7 @@ def check_chain_inputs(draft_tokens: object, draft_probs: object, target_probs: 
         if not allow_point_mass:
             raise ValueError(f"{qn}: required here (chains must be samples from q), got None")
         return
-    q = _tensor(qn, draft_probs)
-    if q.dim() != lead + 2 or tuple(q.shape[:-1]) != tuple(tokens.shape):
-        raise ValueError(f"{qn}: expected shape {(*tokens.shape, vocab)}, got {tuple(q.shape)}")
-    if q.shape[-1] != vocab:
-        raise ValueError(f"{qn}: vocabulary size {q.shape[-1]} does not match {pn} ({vocab})")
-    if q.dtype != p.dtype:
-        raise ValueError(f"{qn}: dtype {q.dtype} does not match {pn} dtype {p.dtype}")
-    if q.device != p.device:
-        raise ValueError(f"{qn}: on {q.device} but {pn} is on {p.device}")
+    q = check_draft_rows(qn, draft_probs, pn, p, tuple(tokens.shape))
     check_probs(qn, q)
     q_tok = q.gather(-1, tokens.long().unsqueeze(-1))
     if bool((q_tok <= 0).any()):
@@ -131,3 +123,19 @@ def check_uniforms(uniforms: object, coins_shape: tuple[int, ...], device: torch
         if values and t.numel() and not bool(((t >= 0) & (t < 1)).all()):
             raise ValueError(f"{name}: values must lie in [0, 1) (and not be NaN)")
     return coins, u
+
+
+def check_draft_rows(qn: str, draft_probs, pn: str, p: Tensor, lead_shape: tuple[int, ...]) -> Tensor:
+    """``draft_probs`` as a tensor of shape ``[*lead_shape, V]`` with the vocabulary, dtype and device of the
+    target rows ``p`` (ValueError naming ``qn`` otherwise); the values are checked by the caller."""
+    vocab = p.shape[-1]
+    q = _tensor(qn, draft_probs)
+    if q.dim() != len(lead_shape) + 1 or tuple(q.shape[:-1]) != tuple(lead_shape):
+        raise ValueError(f"{qn}: expected shape {(*lead_shape, vocab)}, got {tuple(q.shape)}")
+    if q.shape[-1] != vocab:
+        raise ValueError(f"{qn}: vocabulary size {q.shape[-1]} does not match {pn} ({vocab})")
+    if q.dtype != p.dtype:
+        raise ValueError(f"{qn}: dtype {q.dtype} does not match {pn} dtype {p.dtype}")
+    if q.device != p.device:
+        raise ValueError(f"{qn}: on {q.device} but {pn} is on {p.device}")
+    return q
