@@ -87,7 +87,7 @@ def test_negative_control_toy_counterexample():
         check_lossless(bad, inst)
 
 
-TOY_EXACT_X9 = {  # 9 * E[accepted] for K = 1..5 as exact fractions (research note §5.1)
+TOY_EXACT_X9 = {  # 9 * E[accepted] for K = 1..5 as exact fractions (docs/verification.md)
     "tokenwise": [6, 10, 114 / 9, 1170 / 81, 11394 / 729],
     "blockwise": [6, 11, 15, 166 / 9, 64 / 3],
 }
@@ -184,7 +184,7 @@ def test_draft_equals_target_accepts_everything():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_point_mass_drafts_lossless(seed):
     """q = one-hot of a fixed chain (EAGLE-style deterministic draft): closed forms, still lossless,
-    and block verification = HSD = token-wise in law here (research note §3.1)."""
+    and block verification = HSD = token-wise in law here (docs/verification.md, point-mass drafts)."""
     inst = exact.random_instance(4, 3, seed=900 + seed)
     chain = torch.tensor([seed % 4, (seed + 1) % 4, (seed + 3) % 4])
     results = {}

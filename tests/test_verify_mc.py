@@ -1,6 +1,7 @@
 """Monte Carlo chi-square of the real sampling path (torch backend, drafts sampled from q, torch
 generators with fixed seeds). The sample size is checked against the exact non-centrality of the
-uncapped recipe (N * nc >= 10 sqrt(2 dof), research note §4) and that recipe must fail."""
+uncapped recipe (N * nc >= 10 sqrt(2 dof): the expected excess chi-square N * nc is ten standard deviations of a
+chi-square with dof degrees of freedom) and that recipe must fail."""
 from __future__ import annotations
 
 import math

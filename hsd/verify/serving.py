@@ -261,6 +261,15 @@ def serve_torch(draft_tokens: Tensor, target: Tensor, draft: Tensor | None = Non
 # ---------------------------------------------------------------- the plan
 
 
+def _fingerprint(a):
+    """What a launch record depends on: (address, shape, strides, dtype) of a tensor, recursively."""
+    if isinstance(a, Tensor):
+        return a.data_ptr(), a.shape, a.stride(), a.dtype
+    if isinstance(a, tuple):
+        return tuple(_fingerprint(x) for x in a)
+    return a
+
+
 class VerifyGraph:
     """A captured verification call: ``replay()`` re-runs it on the current contents of the tensors it
     was captured with and returns the ServeResult views (valid until the next replay)."""
@@ -323,6 +332,7 @@ class VerifyPlan:
             l2_bytes = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) // 2
         self.l2_bytes = l2_bytes
         self.ws = None
+        self._last_key = None
         if backend == "triton":
             from hsd.kernels.launch import Workspace, method_code
 
@@ -459,14 +469,23 @@ class VerifyPlan:
                                coins=coins, u=u, l2_bytes=self.l2_bytes, out=out)
 
     def _run_triton(self, b, k, *args) -> ServeResult:
-        from hsd.kernels.launch import run
-
-        out = args[-1]
-        run(self._launches(b, k, *args))
-        if out is not None:
-            return ServeResult(*out)
-        ws = self.ws
-        return ServeResult(ws["n"][:b], ws["next"][:b], ws["emit"][: b * (k + 1)].view(b, k + 1), ws["flags"][:b])
+        # The launch records depend only on the tensors' addresses, shapes, strides and dtypes: an engine
+        # that passes the same buffers every step reuses the last call's records (and result views).
+        key = (b, k, *(_fingerprint(a) for a in args))
+        if key != self._last_key:
+            out = args[-1]
+            if out is not None:
+                result = ServeResult(*out)
+            else:
+                ws = self.ws
+                result = ServeResult(ws["n"][:b], ws["next"][:b], ws["emit"][: b * (k + 1)].view(b, k + 1),
+                                     ws["flags"][:b])
+            self._last = (self._launches(b, k, *args), result)
+            self._last_key = key
+        launches, result = self._last
+        for ln in launches:
+            ln.kernel[ln.grid](*ln.args, **ln.kwargs)
+        return result
 
     def warmup(self) -> None:
         """Compile every kernel variant this plan can launch (draft rows or none, Philox or explicit
