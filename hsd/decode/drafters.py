@@ -133,28 +133,27 @@ class ModelDrafter:
         if self.state is None or len(ctx) + 64 > self.state.capacity:
             self.state = self.runner.new_state(1, max(self.capacity, 2 * len(ctx) + 64))
             self.fed = []
-        keep = 0
-        limit = min(len(self.fed), len(ctx) - 1)  # the root is never in the cache before drafting
-        while keep < limit and self.fed[keep] == ctx[keep]:
-            keep += 1
-        self.state.crop(keep)
-        self.fed = self.fed[:keep]
         self.ctx = ctx
+        self._sync()
 
     def extend(self, tokens: Tensor) -> None:
         self.ctx = self.ctx + tokens[0].tolist()
+
+    def _sync(self) -> int:
+        """Keep the cached prefix that the context still starts with (never the root: its logits are what a
+        proposal needs); returns its length. Prompts sharing a prefix (a system prompt) reuse it."""
+        keep, limit = 0, min(len(self.fed), len(self.ctx) - 1)
+        while keep < limit and self.fed[keep] == self.ctx[keep]:
+            keep += 1
+        self.state.crop(keep)
+        self.fed = self.fed[:keep]
+        return keep
 
     def propose(self, k: int, params: SamplingParams, generator: torch.Generator | None = None) -> Draft:
         dev = self.runner.device
         if k <= 0:
             return Draft.empty(1, dev)
-        # drop cache entries that are not a prefix of the context (after extend past a draft)
-        keep = 0
-        limit = min(len(self.fed), len(self.ctx) - 1)
-        while keep < limit and self.fed[keep] == self.ctx[keep]:
-            keep += 1
-        self.state.crop(keep)
-        self.fed = self.fed[:keep]
+        keep = self._sync()
         pending = torch.tensor([self.ctx[keep:]], dtype=torch.long, device=dev)
         toks, qs = [], []
         for _ in range(k):
