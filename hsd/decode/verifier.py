@@ -1,18 +1,41 @@
-"""The one place the engine calls ``hsd.verify`` (so a serving path or a tree verifier slots in here).
+"""The one place the engine calls ``hsd.verify`` (so a tree verifier slots in here).
 
 Inputs are the draft's node tokens, the proposal rows each node was *actually* drawn from (the drafter's
 q, or p_l after an exit stage; None = point masses) and the target's logits at the root and at every node.
 The target rows are processed by the same :func:`~hsd.decode.sampling.process_logits` as the drafts, so
 the verifier reproduces the processed target law (temperature, top-k, top-p).
+
+At T > 0 every verification goes through the serving path :class:`hsd.verify.serving.VerifyPlan` (one
+plan per method/backend/vocabulary/device, reused across steps; fail-closed numerics; Philox uniforms in
+the kernel). Its per-request seeds are drawn from the engine's generator, so a run stays reproducible
+from ``seed`` and every verification gets fresh, independent randomness. T = 0 uses ``greedy_verify``.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from hsd.verify import greedy_verify, verify
+from hsd.verify import greedy_verify
+from hsd.verify.serving import ServeResult, VerifyPlan
 
 from .sampling import SamplingParams, process, sample
+
+_SEED_RANGE = 2**62
+
+
+@lru_cache(maxsize=16)
+def verify_plan(method: str, backend: str, vocab: int, device: str, max_batch: int, max_draft: int) -> VerifyPlan:
+    """The engine's cached serving plan (created once per configuration, then reused every step)."""
+    return VerifyPlan(max_batch=max_batch, max_draft=max_draft, vocab=vocab, device=device, method=method,
+                      inputs="probs", backend=backend)
+
+
+def _plan_for(method: str, backend: str, b: int, k: int, vocab: int, device: torch.device) -> VerifyPlan:
+    # Round the sizes up so a decode run needs one plan (K varies round to round with the exit stage).
+    return verify_plan(method, backend, vocab, str(device), max(8, 1 << (b - 1).bit_length()),
+                       max(8, 1 << max(k - 1, 0).bit_length()))
 
 
 def verify_chain(tokens: Tensor, proposal: Tensor | None, target_logits: Tensor, params: SamplingParams,
@@ -20,11 +43,11 @@ def verify_chain(tokens: Tensor, proposal: Tensor | None, target_logits: Tensor,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Verify one chain per row.
 
-    tokens [B, K]; proposal [B, K, V] or None; target_logits [B, K+1, V] (row j: the target at the
-    position before token j; row K: the bonus position). method: "greedy" or an ``hsd.verify`` method.
+    tokens [B, K]; proposal [B, K, V] or None (point masses); target_logits [B, K+1, V] (row j: the target
+    at the position before token j; row K: the bonus position). method: "greedy" or an ``hsd.verify`` method.
     Returns (num_accepted [B], next_token [B]): emit tokens[:, :num_accepted] then next_token.
     """
-    k = tokens.shape[1]
+    b, k = tokens.shape
     if method == "greedy":
         if k == 0:
             best = target_logits[:, 0].argmax(-1)
@@ -32,8 +55,26 @@ def verify_chain(tokens: Tensor, proposal: Tensor | None, target_logits: Tensor,
         res = greedy_verify(tokens, target_logits)
         return res.num_accepted, res.next_token
     p = process(target_logits, params)
+    if params.greedy:  # top_k = 1 or similar: a point-mass target
+        res = greedy_verify(tokens, p) if k else None
+        return (res.num_accepted, res.next_token) if k else (torch.zeros(b, dtype=torch.long), p[:, 0].argmax(-1))
     if k == 0:  # nothing to verify: a plain draw from the target
-        tok = p[:, 0].argmax(-1) if params.greedy else sample(p[:, 0], generator)
+        tok = sample(p[:, 0], generator)
         return torch.zeros_like(tok), tok
-    res = verify(tokens, proposal, p, method=method, backend=backend, generator=generator, validate=False)
+    res = verify(tokens, proposal, p, method=method, backend=backend, generator=generator)
     return res.num_accepted, res.next_token
+
+
+def verify(tokens: Tensor, proposal: Tensor | None, p: Tensor, *, method: str, backend: str = "torch",
+           generator: torch.Generator | None = None) -> ServeResult:
+    """tokens [B, K >= 1], proposal [B, K, V] | None, processed target rows p [B, K+1, V] -> the serving
+    plan's result (num_accepted [B], next_token [B], tokens [B, K+1]; copies, safe to keep)."""
+    b, k = tokens.shape
+    dev = p.device
+    plan = _plan_for(method, backend, b, k, p.shape[-1], dev)
+    gen_dev = generator.device if generator is not None else "cpu"
+    seeds = torch.randint(0, _SEED_RANGE, (b,), generator=generator, device=gen_dev).to(dev)
+    res = plan(tokens.contiguous(), p.float(), None if proposal is None else proposal.float(),
+               temperature=torch.ones(b, device=dev), seeds=seeds, steps=torch.zeros(b, dtype=torch.int64, device=dev))
+    # The plan's outputs are views of its buffers (overwritten by the next call): copy what we keep.
+    return ServeResult(*(t.clone() for t in (res.num_accepted, res.next_token, res.tokens, res.flags)))

@@ -107,3 +107,19 @@ def test_planted_single_position_offset_fails(monkeypatch):
     monkeypatch.setattr(target_mod.TargetRunner, "run", stock_positions)
     res, ref = decode("llama", "eagle3", "mlp", k=4, window=3)
     assert not torch.equal(res.new_tokens, ref)
+
+
+@pytest.mark.parametrize("method", ["tokenwise", "hsd"])
+def test_sampled_triton_equals_torch_serving_path(method):
+    """T > 0 runs on the serving plan (``hsd.verify.serving.VerifyPlan``): its fused Triton kernel
+    (interpreted) with in-kernel Philox uniforms gives the torch backend's tokens draw for draw, and the
+    run is reproducible from its seed."""
+    pytest.importorskip("triton")
+    t, ids, _ = setup("llama")
+    dec = SpeculativeDecoder(t, fx.drafter("eagle3", t), fx.exit_stage(t, "mlp"))
+    out = {}
+    for backend in ("torch", "triton"):
+        cfg = DecodeConfig(temperature=1.0, k=3, method=method, backend=backend, max_new_tokens=N, eos_token_id=[])
+        out[backend] = [dec.generate(ids, config=cfg, seed=s).new_tokens for s in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(out["torch"], out["triton"]))
+    assert not torch.equal(out["torch"][0], out["torch"][1])  # the seed matters

@@ -62,7 +62,7 @@ def replay_sample(probs, generator=None):
     return torch.full(probs.shape[:-1], tok, dtype=torch.long)
 
 
-def replay_verify(tokens, q, p, *, method="hsd", backend="torch", generator=None, validate=True):
+def replay_verify(tokens, q, p, *, method="hsd", backend="torch", generator=None):
     ptau, rows = decision_law(tokens, None if q is None else q.double(), p.double(), method=method)
     opts = [((tau, y), float(ptau[0, tau] * rows[0, tau, y]))
             for tau in range(tokens.shape[1] + 1) for y in torch.nonzero(rows[0, tau] > 0).flatten().tolist()
