@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cpu-kernels", action="store_true", help="keep the target's weight layout (hsd.decode.cpu)")
     ap.add_argument("--json", help="JSON output path (default: <out-dir>/decode.json)")
     ap.add_argument("--out-dir", help="output folder (default: runs/decode/<time>)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out-dir: configurations it finished are loaded, not rerun "
+                         "(the other arguments must be the same)")
     ap.add_argument("--no-plots", action="store_true")
     return ap
 
@@ -158,6 +161,50 @@ def exit_agreement(models, prompts, outputs) -> dict[str, Any]:
                      "positions": v[1]} for k, v in acc.items()}
 
 
+# Resumable runs: every finished configuration is pickled under <out-dir>/partial/ with the arguments that
+# produced it; --resume reloads those (a full grid takes hours on a 2-core CPU).
+_RESUME_IGNORED = ("resume", "json", "out_dir", "no_plots")
+
+
+def _run_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_IGNORED}
+
+
+def save_partial_args(out_dir: Path, args: argparse.Namespace) -> None:
+    (out_dir / "partial").mkdir(exist_ok=True)
+    path = out_dir / "partial" / "args.json"
+    if not path.exists():
+        path.write_text(json.dumps(_run_args(args), indent=1))
+
+
+def save_partial(out_dir: Path, name: str, runs: list, tps: list[float]) -> None:
+    import pickle
+
+    path = out_dir / "partial" / f"{_safe(name)}.pkl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps({"name": name, "runs": runs, "tokens_per_s": tps}))
+    os.replace(tmp, path)  # atomic: an interrupted write leaves the configuration to rerun
+
+
+def load_partial(out_dir: Path, args: argparse.Namespace) -> dict[str, tuple[list, list[float]]]:
+    """Finished configurations of an interrupted run in ``out_dir`` (name -> (runs, tokens/s per repeat))."""
+    import pickle
+
+    path = out_dir / "partial" / "args.json"
+    if not path.exists():
+        raise ValueError(f"--resume: {path} not found (no interrupted run in {out_dir})")
+    saved, now = json.loads(path.read_text()), json.loads(json.dumps(_run_args(args)))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError(f"--resume: arguments differ from the interrupted run in {out_dir}: " + ", ".join(
+            f"{k} (was {saved.get(k)!r}, now {now.get(k)!r})" for k in diff))
+    out = {}
+    for f in sorted((out_dir / "partial").glob("*.pkl")):
+        rec = pickle.loads(f.read_bytes())
+        out[rec["name"]] = (rec["runs"], rec["tokens_per_s"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tree:
@@ -197,8 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.resume and not args.out_dir:
+        print("error: --resume needs the --out-dir of the run to continue", file=sys.stderr)
+        return 2
     out_dir = Path(args.out_dir or Path("runs/decode") / time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        done = load_partial(out_dir, args) if args.resume else {}
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_partial_args(out_dir, args)
     json_path = Path(args.json) if args.json else out_dir / "decode.json"
     specs = build_grid(args.temperature, args.k, args.method, args.backend, head=models.head is not None,
                        exit_layers=args.exit_layer or sorted(models.exit_heads),
@@ -216,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             "stage_clock": "process CPU time" if args.device == "cpu" else "wall",
             "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
             "git_commit": _git_commit(), "load_average_start": _loadavg()}
+    if done:
+        meta["resumed_configurations"] = sorted(done)  # measured by the interrupted run(s), not rerun
     results: dict[str, list] = {}
     entries: list[dict] = []
     report: dict[str, Any] = {"meta": meta, "runs": entries}
@@ -250,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             sub = prog.add_task(spec.name, total=len(prompts) * args.repeats)
             runs = []
-            for _ in range(args.repeats):
+            if spec.name in done:  # --resume: measured by the interrupted run
+                runs, rep_tps[spec.name] = done[spec.name]
+                prog.advance(task, len(prompts) * args.repeats)
+            for _ in range(args.repeats - len(runs)):
                 res = ev.run(spec, prompts, on_prompt=lambda s=sub: (prog.advance(s), prog.advance(task)))
                 runs.append(res)
                 from .evaluate import merge_turns
@@ -258,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                 rep_tps.setdefault(spec.name, []).append(summarize([merge_turns(r) for r in res])["tokens_per_s_macro"])
             results[spec.name] = [r for res in runs for r in res]
             prog.remove_task(sub)
+            if spec.name not in done:
+                save_partial(out_dir, spec.name, runs, rep_tps[spec.name])
             write_answers(out_dir / "answers" / f"{_safe(spec.name)}.jsonl", runs[0], spec)
             entries[:] = [entry_of(s) for s in specs if s.name in results]
             e = entries[-1]

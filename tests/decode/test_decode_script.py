@@ -120,3 +120,42 @@ def test_module_demo(tmp_path, capsys):
                  "--temperature", "1", "--prompt", "what is one plus two?"]) == 0
     assert "tau" in capsys.readouterr().out
     assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "nope")]) == 2
+
+
+def test_resume_reuses_finished_configurations(tmp_path, capsys):
+    """An interrupted grid continues with --resume: finished configurations are loaded (same numbers), the
+    missing ones run, and changed arguments are refused with one clear error."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.eagle3_head(t, scale=0.05).save_pretrained(tmp_path / "head")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "g0", "source": "gsm8k",
+                                   "messages": [{"role": "user", "content": "what is 1 plus 1?"}]}) + "\n")
+    out = tmp_path / "out"
+    argv = ["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--prompts", str(prompts),
+            "--max-new-tokens", "5", "--k", "2", "--temperature", "0", "--no-hf", "--no-plots", "--out-dir", str(out)]
+    assert main(argv) == 0
+    first = {e["name"]: e for e in json.loads((out / "decode.json").read_text())["runs"]}
+    assert len(first) >= 3
+    # Interrupt after the first configuration: only its pickle survives.
+    kept = sorted((out / "partial").glob("*.pkl"))
+    for f in kept[1:]:
+        f.unlink()
+    (out / "decode.json").unlink()
+    assert main([*argv, "--resume"]) == 0
+    rep = json.loads((out / "decode.json").read_text())
+    again = {e["name"]: e for e in rep["runs"]}
+    assert set(again) == set(first)
+    resumed = rep["meta"]["resumed_configurations"]
+    assert len(resumed) == 1
+    assert again[resumed[0]]["tokens_per_s"] == first[resumed[0]]["tokens_per_s"]  # loaded, not re-measured
+    assert all(again[n]["tau"] == first[n]["tau"] for n in first)  # T = 0: the rerun ones decode the same
+    capsys.readouterr()
+    changed = [("3" if a == "2" and argv[i - 1] == "--k" else a) for i, a in enumerate(argv)]
+    assert main([*changed, "--resume"]) == 2
+    assert "k (was [2], now [3])" in capsys.readouterr().err
+    assert main([*argv[:-2], "--resume"]) == 2  # --resume without --out-dir
