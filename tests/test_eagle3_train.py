@@ -155,7 +155,7 @@ def test_offline_features_equal_online(env, tmp_path):
     assert (tmp_path / "train_off" / "best" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="differ from the layers"):
         _setup(make_cfg(env, tmp_path / "bad", "features=offline", f"feature_cache_dir={cache}",
-                        "aux_layer_ids=[1,4,5]"))
+                        "aux_layer_ids=[2,3,5]"))
 
 
 def _setup(cfg):
@@ -195,6 +195,7 @@ def bad_env(env, tmp_path_factory):
 
 @pytest.mark.parametrize("override, message", [
     ("aux_layer_ids=[2,4,99]", r"aux_layer_ids \[99\] do not exist"),
+    ("aux_layer_ids=[2,4,8]", r"not portable: every id must be <= N - 1 = 7"),
     ("draft_vocab_size=200", "larger than the target vocabulary"),
     ("target={bad}/small_target", "tokenizer/vocab mismatch"),
     ("data=[{bad}/no_assistant.jsonl]", "assistant"),
@@ -211,7 +212,8 @@ def test_bad_input_at_setup(env, bad_env, tmp_path, override, message):
 
 def test_config_validation(env, tmp_path):
     for override, message in (("ttt_steps=0", "ttt_steps"), ("attention=flash", "attention"),
-                              ("aux_layer_ids=[1,2]", "exactly 3"), ("step_weight=0", "step_weight"),
+                              ("aux_layer_ids=[1,2]", "exactly 3"), ("aux_layer_ids=[1,4,5]", "not portable"),
+                              ("aux_layer_ids=[4,2,5]", "strictly ascending"), ("step_weight=0", "step_weight"),
                               ("features=offline", "feature_cache_dir"), ("features=disk", "features")):
         with pytest.raises(ValueError, match=message):
             make_cfg(env, tmp_path, override)

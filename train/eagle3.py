@@ -31,7 +31,9 @@ aux and final hidden states from ``feature_cache_dir`` written by ``scripts/cach
 logits from the cached final hidden state). The cache's rows are the data (``data`` is not read); its
 meta must match the target (vocabulary, tokenizer size, hidden size, layer count) and the aux ids.
 
-Bad input raises ValueError before any training: aux ids the target does not have, a tokenizer larger than
+Bad input raises ValueError before any training: aux ids that are not portable (exactly 3, strictly ascending,
+2 <= id <= N-1: ``hsd.export.layout.check_aux_ids``; vLLM or SGLang would capture other layers or none), a
+tokenizer larger than
 the target vocabulary or data ids outside it, ``draft_vocab_size`` > target vocab, an ``init_from`` head
 for another vocabulary/shape, data without conversations or assistant turns (train.chat_data).
 """
@@ -48,9 +50,10 @@ import torch
 from torch import nn
 
 from hsd.config import run_main
+from hsd.export.layout import check_aux_ids
 from hsd.models import capture as cap
 from hsd.models import resolve
-from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
+from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
 from train import chat_data, common, draft_vocab, loop, ttt
 from train import distributed as dist_utils
 from train.config import BaseTrainConfig
@@ -87,11 +90,8 @@ class Eagle3TrainConfig(BaseTrainConfig):
             raise ValueError(f"step_weight must be > 0, got {self.step_weight}")
         if self.draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
-        if self.aux_layer_ids and len(self.aux_layer_ids) != 3:
-            raise ValueError(f"aux_layer_ids must list exactly 3 hidden-state indices (or be empty for the "
-                             f"default), got {self.aux_layer_ids}")
-        if any(i < 0 for i in self.aux_layer_ids):
-            raise ValueError(f"aux_layer_ids must be >= 0, got {self.aux_layer_ids}")
+        if self.aux_layer_ids:  # the rules that need no target (exactly 3, ascending, >= 2); [] = the default
+            check_aux_ids(self.aux_layer_ids)
         if self.features == "offline" and not self.feature_cache_dir:
             raise ValueError("features=offline needs feature_cache_dir (written by scripts/cache_hidden_states.py)")
         if self.features == "offline" and self.cache_target:
@@ -148,6 +148,8 @@ class Eagle3Task(loop.TrainTask):
             self.features = FeatureCache(cfg.feature_cache_dir, dtype=common.target_dtype(cfg))
             aux_ids = self._check_feature_cache(self.features.meta, aux_ids)
         overrides = {"intermediate_size": cfg.intermediate_size} if cfg.intermediate_size else {}
+        n_layers = cap.num_layers(self.target)  # portable ids (the same layers in vLLM and SGLang), before any data work
+        check_aux_ids(aux_ids or default_aux_layer_ids(n_layers), n_layers)
         self.head_config = Eagle3Config.from_target(self.target.config, cfg.draft_vocab_size, aux_ids, **overrides)
         self.aux_ids = self.head_config.aux_layer_ids
         self.capture_ids = sorted({0, *self.aux_ids})  # index 0 = token embeddings (the head's inputs)

@@ -53,7 +53,8 @@ def load_eagle3(path: str, target: nn.Module) -> nn.Module:
     if local is not None and not (local / "config.json").is_file():
         raise ValueError(f"head {path}: no config.json (not a saved head folder)")
     try:
-        head = Eagle3DraftModel.from_pretrained(str(local or path))
+        # the target's dtype: an exported head is stored in bf16, decoding on the CPU runs in float32
+        head = Eagle3DraftModel.from_pretrained(str(local or path), dtype=next(target.parameters()).dtype)
     except OSError as err:
         raise ValueError(f"head {path}: cannot load ({err})") from err
     check_head(head, target, path)

@@ -240,43 +240,18 @@ def head_config_from_exported(cfg: dict[str, Any]):
     """Any EAGLE-3 config dict (training, native or speculators) -> ``Eagle3Config``."""
     from hsd.models.eagle3 import Eagle3Config
 
-    flat = _flatten_speculators(cfg) if cfg.get("speculators_model_type") else dict(cfg)
-    if not (flat.get("eagle_config") or {}).get(layout.AUX_IDS_KEY) and flat.get(layout.AUX_IDS_KEY):
-        flat["eagle_config"] = {"use_aux_hidden_state": True, layout.AUX_IDS_KEY: list(flat[layout.AUX_IDS_KEY])}
-    drop = {"model_type", "architectures", "torch_dtype", "dtype", layout.AUX_IDS_KEY, "auto_map",
-            *layout.TRAINING_ONLY_FIELDS, "norm_before_fc", "fc_norm", "norm_output", "pretraining_tp",
-            "attention_dropout"}
-    return Eagle3Config(**{k: v for k, v in flat.items() if k not in drop})
+    if cfg.get("model_type") == Eagle3Config.model_type:
+        return Eagle3Config.from_dict(cfg)
+    return Eagle3Config.from_exported(cfg)
 
 
 def load_exported_eagle3(folder: str | os.PathLike, target: torch.nn.Module | None = None,
                          dtype: torch.dtype | None = None):
-    """An exported (native or speculators) or training head folder -> ``Eagle3DraftModel`` in eval mode.
+    """An exported (native or speculators) or training head folder -> ``Eagle3DraftModel`` in eval mode
+    (``hsd.models.eagle3.load_draft``); ``dtype`` None keeps the stored floating dtype."""
+    from hsd.models.eagle3 import load_draft
 
-    ``dtype`` None keeps the stored floating dtype. With ``target``, its token embedding is installed
-    (ValueError when the vocabularies differ), as ``hsd.models.eagle3.load_draft`` does.
-    """
-    import json
-
-    from hsd.models.eagle3 import Eagle3DraftModel
-
-    folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    state = read_head_weights(folder)
-    stored = next(v.dtype for k, v in state.items() if k not in layout.INDEX_DTYPES)
-    state = cast_for_serving(state, layout.dtype_name(dtype or stored))
-    with torch.device("meta"):
-        model = Eagle3DraftModel(head_config_from_exported(cfg))
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    if target is not None:
-        tc = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-        if int(tc.vocab_size) != model.config.vocab_size:
-            raise ValueError(f"head {str(folder)!r} was trained for a vocabulary of {model.config.vocab_size} tokens "
-                             f"but the target has {tc.vocab_size}")
-        model.attach_target(target)
-        model.embed_tokens = model.embed_tokens.to(model.fc.weight.dtype)
-    return model
+    return load_draft(os.fspath(folder), target, dtype=dtype or "auto").eval()
 
 
 # -- the export -----------------------------------------------------------------------------------------------

@@ -12,13 +12,16 @@ Architecture (docs/eagle3_contract.md; module names ARE the vLLM/SGLang checkpoi
 ids through the ``d2t`` offsets (``target_id = draft_id + d2t[draft_id]``); ``t2d`` [V] marks the target
 ids that are in the draft vocabulary; ``head.draft_vocab`` is the same as a :class:`DraftVocab`.
 
-Saved keys (exactly; ``hsd.export.layout.EAGLE3_KEYS``): ``fc.weight``, ``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight``,
+Saved keys (exactly ``hsd.export.layout.EAGLE3_KEYS``): ``fc.weight``,
+``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight``,
 ``midlayer.self_attn.{q,k,v,o}_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``, ``norm.weight``,
 ``lm_head.weight``, ``d2t``, ``t2d``. The frozen token embedding is a *non-persistent* buffer
 (``embed_tokens``, [V, H]): never trained, never saved; after ``from_pretrained`` call
 ``attach_target(target)`` before using token ids (training passes embeddings directly).
 
-Saved heads open with ``Eagle3DraftModel.from_pretrained`` (or ``AutoModel`` once this module is imported).
+Saved heads open with ``Eagle3DraftModel.from_pretrained`` (or ``AutoModel`` once this module is imported);
+so do exported folders (``hsd-train export``: ``model_type: llama`` / ``LlamaForCausalLMEagle3``, or the
+speculators twin), whose ``config.json`` is translated by :meth:`Eagle3Config.from_exported`.
 
 Captured target layers: ``config.eagle_config["eagle_aux_hidden_state_layer_ids"]`` are Hugging Face
 ``output_hidden_states`` indices (= vLLM's "capture before layer j"); default ``[2, N//2, N-3]``.
@@ -180,6 +183,31 @@ class Eagle3Config(PretrainedConfig):
         return out
 
     @classmethod
+    def from_exported(cls, cfg: dict[str, Any]) -> Eagle3Config:
+        """Config of an exported folder (its ``config.json`` as a dict): the native serving layout
+        (``model_type: llama``, ``architectures: [LlamaForCausalLMEagle3]``) or the speculators twin
+        (``speculators_model_type: eagle3``, the layer's fields under ``transformer_layer_config``)."""
+        ids_key = "eagle_aux_hidden_state_layer_ids"
+        if cfg.get("speculators_model_type"):
+            flat = dict(cfg["transformer_layer_config"])
+            for key in ("draft_vocab_size", "target_hidden_size", "norm_before_residual", "norm_before_fc", "fc_norm",
+                        "norm_output"):
+                if key in cfg:
+                    flat[key] = cfg[key]
+            flat["eagle_config"] = {"use_aux_hidden_state": True, ids_key: list(cfg.get(ids_key) or [])}
+        else:
+            flat = dict(cfg)
+            if not (flat.get("eagle_config") or {}).get(ids_key) and flat.get(ids_key):
+                flat["eagle_config"] = {"use_aux_hidden_state": True, ids_key: list(flat[ids_key])}
+        for flag in ("norm_before_fc", "fc_norm", "norm_output"):
+            if flat.get(flag):
+                raise ValueError(f"exported head sets {flag}: a layer hsd-train EAGLE-3 heads do not have")
+        serving_only = {"model_type", "architectures", "torch_dtype", "dtype", ids_key, "auto_map", "_name_or_path",
+                        "transformers_version", "use_cache", "pretraining_tp", "attention_dropout", "norm_before_fc",
+                        "fc_norm", "norm_output"}
+        return cls(**{k: v for k, v in flat.items() if k not in serving_only})
+
+    @classmethod
     def from_target(cls, target_config: Any, draft_vocab_size: int | None = None,
                     aux_layer_ids: Sequence[int] | None = None, **overrides) -> Eagle3Config:
         """Head config for a target (``PretrainedConfig`` of a Llama/Qwen2/Qwen3-style causal LM).
@@ -312,6 +340,22 @@ class Eagle3DraftModel(PreTrainedModel):
         self.register_buffer("embed_tokens", None, persistent=False)  # [V, H] frozen target copy, not saved
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_parameters, c.max_position_embeddings)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """``PreTrainedModel.from_pretrained``, also for exported folders (native or speculators layout)."""
+        import json
+        import os
+
+        cfg_file = os.path.join(os.fspath(pretrained_model_name_or_path), "config.json")
+        if config is None and os.path.isfile(cfg_file):
+            with open(cfg_file) as fh:
+                raw = json.load(fh)
+            if raw.get("model_type") != Eagle3Config.model_type:
+                config = Eagle3Config.from_exported(raw)
+                if raw.get("speculators_model_type"):
+                    kwargs.setdefault("key_mapping", {r"^layers\.0\.": "midlayer."})
+        return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -448,7 +492,8 @@ class Eagle3DraftModel(PreTrainedModel):
 
 
 def load_draft(path: str, target: nn.Module | None = None, **kwargs) -> Eagle3DraftModel:
-    """``Eagle3DraftModel.from_pretrained(path)``; with a ``target``, moved to its device and attached (its
+    """``Eagle3DraftModel.from_pretrained(path)`` (a training folder or an exported one; ``dtype=`` picks the
+    weights' dtype, exports are usually bfloat16); with a ``target``, moved to its device and attached (its
     token embedding; ValueError naming ``path`` when the head and the target disagree on the vocabulary)."""
     model = Eagle3DraftModel.from_pretrained(path, **kwargs)
     if target is None:
