@@ -6,7 +6,8 @@ prints, medians of interleaved repetitions:
 * the target pass over n = 1..8 new tokens at a fixed context, as a ratio to the 1-token step
   (``verify_cost_ratio`` for n = K + 1), and the LM head alone;
 * an EAGLE-3 draft step (a head of the target's shape) as a ratio to the 1-token step;
-* ``hsd.verify`` per method and backend for K = 3 and 5 over the full vocabulary, and its share of one
+* the engine's verifier (``hsd.decode.verifier.verify``: the serving ``VerifyPlan``) per method and backend
+  for K = 3 and 5 over the full vocabulary, and its share of one
   speculative round (draft K steps + one K+1 pass + verify; the goal on a GPU is < 1 %);
 * plain decoding: this engine without a drafter vs Hugging Face ``generate`` (time per token).
 
@@ -90,7 +91,7 @@ def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
     """Pass costs, draft step and verify share with one weight layout."""
     from hsd.decode import DecodeConfig, Eagle3Drafter, SpeculativeDecoder
     from hsd.decode.sampling import process_logits
-    from hsd.verify import verify
+    from hsd.decode.verifier import verify  # the engine's serving path (a cached VerifyPlan)
 
     dec = SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=cpu_kernels), cpu_kernels=cpu_kernels)
     runner = dec.runner
@@ -140,7 +141,7 @@ def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
             for backend in args.backends:
                 fns[("verify", k, method, backend)] = (
                     lambda tok=tok, q=q, p=p, m=method, b=backend: verify(tok, q, p, method=m, backend=b,
-                                                                         validate=False))
+                                                                         generator=g))
     t = interleaved(fns, args.reps, dev)
     t1 = t[("pass", 1)]
     out = {"t1_ms": 1e3 * t1, "pass_ms": {n: 1e3 * t[("pass", n)] for n in ns},
