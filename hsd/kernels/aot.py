@@ -100,6 +100,39 @@ def configurations(quick: bool) -> list[tuple[tuple, dict, torch.dtype]]:
     return conf
 
 
+# Tree verification (hsd.kernels.tree_kernels): (label, B, N nodes, V); 32 nodes is the largest EAGLE-2 tree
+# the decode engine drafts by default, 63 the register-resident maximum of a 64-lane program.
+TREE_SHAPES = [("tree-llama3", 2, 32, 128256), ("tree-qwen2", 2, 63, 151936), ("tree-odd-vocab", 2, 16, 32001)]
+TREE_FLAGS = [dict(method=m, draft=d, rng=r) for m, d, r in itertools.product(("rrs", "weighted"), ("probs", "none"),
+                                                                            ("philox", "explicit"))]
+TREE_FLAGS.append(dict(method="greedy", draft="none", rng="none"))
+
+
+def tree_launch_records(quick: bool, dtype) -> list:
+    """(label, flags, Launch) of the tree kernel: every method x draft rows x RNG mode (quick: on one shape,
+    alternating the divisible and the odd vocabulary)."""
+    from hsd.kernels.tree_launch import TreeWorkspace, tree_launch
+
+    pdtype = torch.bfloat16 if dtype == torch.float16 else dtype  # fp16 probabilities are refused
+    records = []
+    shapes = TREE_SHAPES if not quick else TREE_SHAPES[:1]
+    for (label, b, n, v), flags in itertools.product(shapes, TREE_FLAGS):
+        if quick and flags["rng"] == "explicit" and flags["draft"] == "none":
+            continue
+        ws = TreeWorkspace.create(b, n, v, "cpu")
+        tokens = torch.zeros(b, n, dtype=torch.int64)
+        target = torch.empty(b, n + 1, v, dtype=pdtype)
+        draft = torch.empty(b, n, v, dtype=pdtype) if flags["draft"] == "probs" else None
+        rng = {}
+        if flags["rng"] == "philox":
+            rng = dict(seeds=torch.zeros(b, dtype=torch.int64), steps=torch.zeros(b, dtype=torch.int64))
+        elif flags["rng"] == "explicit":
+            rng = dict(uniforms=(torch.zeros(b, n), torch.zeros(b)))
+        records.append((label, flags, tree_launch(ws, tokens, tokens.clone(), draft, target, method=flags["method"],
+                                                  **rng)))
+    return records
+
+
 def launch_variants(quick: bool, dtype) -> list:
     """(label, flags, Launch) of every configuration (deduplicated later by their specialisation)."""
     records = []
@@ -107,7 +140,7 @@ def launch_variants(quick: bool, dtype) -> list:
         plan, args, kw = call_args(shape, flags, dtype, tokens_dtype)
         label = shape[0] + ("/int64-ids" if tokens_dtype == torch.int64 else "")
         records += [(label, flags, ln) for ln in plan.launches(*args, **kw)]
-    return records
+    return records + tree_launch_records(quick, dtype)
 
 
 def resource_usage(compiled, arch: int) -> dict[str, int]:

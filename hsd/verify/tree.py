@@ -338,17 +338,24 @@ def verify_tree(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, tar
     the argmax is used; draft_probs and the uniforms are ignored).
     uniforms: optional (coins [B, N], u [B]) in [0, 1): coin i tests node i, u draws the token;
     otherwise drawn with ``generator`` (coins first, as ``verify``). validate=False skips checks.
+    backend: "torch", or "triton" (the fused kernel of hsd.kernels.tree_kernels, one program per tree;
+    on a CPU only under TRITON_INTERPRET=1): the same draws from the same uniforms. For a launch with
+    in-kernel Philox uniforms and caller-owned buffers (CUDA graphs) use hsd.kernels.tree_launch.
     """
-    if backend != "torch":
-        raise ValueError(f"backend: only 'torch' is implemented for trees, got {backend!r}")
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend: expected 'torch' or 'triton', got {backend!r}")
     greedy = isinstance(method, str) and method == "greedy"
     if validate:
         check_tree_inputs(tokens, parents, draft_probs, target_probs, logits=greedy)
+    b, n = tokens.shape
+    device = target_probs.device
+    if backend == "triton":
+        if not isinstance(method, str):
+            raise ValueError("backend 'triton': method must be a name ('greedy', 'rrs', 'weighted')")
+        return _verify_tree_triton(tokens, parents, draft_probs, target_probs, method, generator, uniforms)
     if greedy:
         return greedy_tree(tokens.long(), parents, target_probs)
     rule = rule_of(method)
-    b, n = tokens.shape
-    device = target_probs.device
     if uniforms is None:
         coins, u = draw_uniforms((b, n), device, generator)
     else:
@@ -360,6 +367,24 @@ def verify_tree(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, tar
     rows = torch.arange(b, device=device)
     token = inverse_cdf(levels.rows[rows, last], u, levels.fallback[rows, last])
     return TreeVerifyResult(path_to(struct, last), struct.depth[rows, last], token)
+
+
+def _verify_tree_triton(tokens, parents, draft_probs, target_probs, method, generator, uniforms) -> TreeVerifyResult:
+    """The fused Triton kernel (hsd.kernels.tree_kernels) with the same uniforms as the torch path, so the
+    two backends agree draw for draw; the path is trimmed to the batch's deepest node as there."""
+    from hsd.kernels.tree_launch import verify_tree_triton
+
+    b, n = tokens.shape
+    if method != "greedy":
+        rule_of(method)
+        if uniforms is None:
+            uniforms = draw_uniforms((b, n), target_probs.device, generator)
+        else:
+            uniforms = check_uniforms(uniforms, (b, n), target_probs.device)
+    path, num, nxt = verify_tree_triton(tokens, parents, draft_probs, target_probs, method,
+                                        uniforms=None if method == "greedy" else uniforms)
+    d_max = int(structure(parents).depth.max()) if n else 0
+    return TreeVerifyResult(path[:, :d_max].clone(), num.clone(), nxt.clone())
 
 
 def without_replacement_rows(tokens: Tensor, parents: Tensor, draft_probs: Tensor) -> Tensor:
