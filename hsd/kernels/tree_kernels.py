@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hsd.kernels.verify_kernels import philox_lanes
+
 RRS: tl.constexpr = tl.constexpr(0)
 WEIGHTED: tl.constexpr = tl.constexpr(1)
 GREEDY: tl.constexpr = tl.constexpr(2)
@@ -207,15 +209,8 @@ def _verify_tree_kernel(tok_ptr, tok_sb, par_ptr, par_sb,
                 log_m = tl.where(lanes == a, 0.0, log_m)
 
         # ---- uniforms ----
-        if PHILOX:
-            seed = tl.load(seed_ptr + b)
-            step = tl.load(step_ptr + b)
-            zero = (lanes * 0).to(tl.uint32)
-            lo = zero + (step & 0xFFFFFFFF).to(tl.uint32)
-            hi = zero + ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
-            c_coin, c_u, _, _ = tl.philox(seed, lanes.to(tl.uint32), lo, zero, hi)
-            coin = tl.uint_to_uniform_float(c_coin)
-            u = _get(tl.uint_to_uniform_float(c_u), lanes, 0)
+        if PHILOX:  # the chain kernel's stream: coin of node i = word 0 of block i, u = word 1 of block 0
+            coin, u = philox_lanes(seed_ptr, step_ptr, b, lanes)
         else:
             coin = tl.load(coins_ptr + b * coins_sb + lanes, mask=node, other=2.0).to(tl.float32)
             u = tl.load(u_ptr + b).to(tl.float32)

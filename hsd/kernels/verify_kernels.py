@@ -128,6 +128,20 @@ def _log_weights(p_x, q_x, lanes):
 
 
 @triton.jit
+def philox_lanes(seed_ptr, step_ptr, b, lanes):
+    """Uniforms of request b from Philox4x32-10 keyed by seed[b]: one block per lane with counter
+    (lane, step_lo, 0, step_hi); word 0 of block i is the coin of lane i, word 1 of block 0 is u.
+    (``hsd.verify.serving.philox_uniforms`` reproduces it; the tree kernel uses the same stream.)"""
+    seed = tl.load(seed_ptr + b)
+    step = tl.load(step_ptr + b)
+    zero = (lanes * 0).to(tl.uint32)
+    lo = zero + (step & 0xFFFFFFFF).to(tl.uint32)
+    hi = zero + ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c_coin, c_u, _, _ = tl.philox(seed, lanes.to(tl.uint32), lo, zero, hi)
+    return tl.uint_to_uniform_float(c_coin), _lane(tl.uint_to_uniform_float(c_u), lanes, 0)
+
+
+@triton.jit
 def _lane(v, lanes, i):
     """Scalar v[i] of a lane vector (v may hold -inf: exactly one lane is selected)."""
     return tl.sum(tl.where(lanes == i, v, 0), axis=0)
@@ -263,16 +277,7 @@ def _verify_kernel(tok_ptr, tok_sb,
             nan = valid & ((p_x != p_x) | (q_x != q_x))
             flags = flags | tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, FLAG_NAN, 0)
             if PHILOX:
-                seed = tl.load(seed_ptr + b)
-                step = tl.load(step_ptr + b)
-                zero = (lanes * 0).to(tl.uint32)
-                lo = zero + (step & 0xFFFFFFFF).to(tl.uint32)
-                hi = zero + ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
-                # one Philox block per lane, counter (lane, step_lo, 0, step_hi), key = seed: word 0 is the
-                # coin of level lane + 1, word 1 of lane 0 is u
-                c_coin, c_u, _, _ = tl.philox(seed, lanes.to(tl.uint32), lo, zero, hi)
-                coin = tl.uint_to_uniform_float(c_coin)
-                u = _lane(tl.uint_to_uniform_float(c_u), lanes, 0)
+                coin, u = philox_lanes(seed_ptr, step_ptr, b, lanes)
             else:
                 coin = tl.load(coins_ptr + b * coins_sb + lanes, mask=valid, other=2.0).to(tl.float32)
                 u = tl.load(u_ptr + b).to(tl.float32)
