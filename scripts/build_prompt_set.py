@@ -18,7 +18,7 @@ prefix of the file is a training set of that size with the same mix of sources (
 never change):
 
     python scripts/build_prompt_set.py --all-out data/prompts_train_all.jsonl \
-        --keep-train data/prompts_train.jsonl --exclude data/prompts_eval.jsonl
+        --keep-train data/prompts_train.jsonl --exclude data/prompts_eval.jsonl data/prompts_eval_multiturn.jsonl
 """
 from __future__ import annotations
 
@@ -100,16 +100,26 @@ def write_rows(path: str, rows: list[dict]) -> None:
     print(f"wrote {len(rows)} prompts to {path}")
 
 
+def opener(row: dict) -> str:
+    """The first user turn, normalised as the chatterbot de-duplication does."""
+    return next(m["content"] for m in row["messages"] if m["role"] == "user").strip().lower()
+
+
 def all_prompts(keep_train: str | None, exclude: list[str], seed: int) -> list[dict]:
-    """Every pool prompt not in ``exclude`` files: ``keep_train``'s rows first, then the rest shuffled."""
-    banned = {r["id"] for path in exclude for r in read_rows(path)}
+    """Every pool prompt not in ``exclude`` files (by id or opening user turn): ``keep_train``'s rows first,
+    then the rest shuffled."""
+    held = [r for path in exclude for r in read_rows(path)]
+    banned = {r["id"] for r in held}
+    # A held-out conversation's opening user turn must not open a training one either (a single-turn
+    # chatterbot opener can be the first turn of a held-out dialogue: its reply would be in training).
+    banned_openers = {opener(r) for r in held}
     first = read_rows(keep_train) if keep_train else []
-    if any(r["id"] in banned for r in first):
+    if any(r["id"] in banned or opener(r) in banned_openers for r in first):
         raise SystemExit(f"{keep_train} shares prompts with {exclude}")
     seen = banned | {r["id"] for r in first}
     singles, multi = chatterbot_dialogues()
     rest = [r for pool in (gsm8k_prompts(), singles, multi, humaneval_prompts()) for r in pool
-            if r["id"] not in seen]
+            if r["id"] not in seen and opener(r) not in banned_openers]
     random.Random(seed).shuffle(rest)
     return first + rest
 

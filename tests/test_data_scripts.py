@@ -115,6 +115,26 @@ def test_bundled_data_files():
         assert roles[-1] == "assistant" and roles.count("assistant") == len(r["finished"])
 
 
+def test_bundled_large_set_is_disjoint_from_every_held_out_file():
+    """data/prompts_train_all.jsonl and its regenerated conversations never contain a held-out prompt
+    (ids or opening user turns) from prompts_eval.jsonl or prompts_eval_multiturn.jsonl; every prefix size of the
+    conversation file is the same prefix of the prompt file, so subsets are nested training sets."""
+    held = [r for f in ("prompts_eval.jsonl", "prompts_eval_multiturn.jsonl") for r in _rows(ROOT / "data" / f)]
+    held_ids = {r["id"] for r in held}
+    held_text = {r["messages"][0]["content"].strip().lower() for r in held}  # openers are de-duplicated
+    prompts = _rows(ROOT / "data" / "prompts_train_all.jsonl")
+    chat = ROOT / "data" / "smollm2_chat_all.jsonl"
+    assert chat.stat().st_size < 3_000_000
+    convs = _rows(chat)
+    assert [r["id"] for r in convs] == [r["id"] for r in prompts]
+    assert [r["id"] for r in convs[:280]] == [r["id"] for r in _rows(ROOT / "data" / "prompts_train.jsonl")]
+    for r in convs:
+        assert r["id"] not in held_ids
+        assert r["messages"][0]["content"].strip().lower() not in held_text, r["id"]
+        roles = [m["role"] for m in r["messages"]]
+        assert roles[-1] == "assistant" and roles.count("assistant") == len(r["finished"])
+
+
 def test_build_all_prompts_keeps_train_first_and_eval_out(tmp_path):
     build = _script("build_prompt_set")
     args = ["--gsm8k", "5", "3", "--chat", "4", "2", "--multiturn", "2", "1", "--code", "3", "1"]
