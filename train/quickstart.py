@@ -110,7 +110,7 @@ class Stage:
 
 def training_stages(qc: QuickstartConfig, out: Path) -> list[Stage]:
     """The two training stages, writing under ``out/eagle3`` and ``out/early_exit``."""
-    from train import early_exit, eagle3
+    from train import eagle3, early_exit
 
     return [Stage("eagle3", "train eagle3", eagle3.main, eagle3.Eagle3TrainConfig, qc.eagle3_config,
                   [*qc.eagle3_overrides, f"output_dir={out / 'eagle3'}"]),
