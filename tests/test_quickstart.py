@@ -31,7 +31,8 @@ def _tiny_config(root) -> str:
     return str(path)
 
 
-def test_main_job_end_to_end_and_reuse(tmp_path, capsys):
+def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HSD_TRACEBACK", raising=False)
     root = write_tiny_chat_run(tmp_path)
     config, out = _tiny_config(root), tmp_path / "job"
     assert cli.main(["quickstart", "--config", config, "--output-dir", str(out)]) == 0
@@ -60,6 +61,16 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys):
     assert (out / "eagle3" / "final" / "config.yaml").stat().st_mtime_ns == stamp  # not retrained
     meta = json.loads((out / "decode" / "decode.json").read_text())["meta"]
     assert sorted(meta["resumed_configurations"]) == sorted(names)  # decode continued, nothing rerun
+    assert "## Training" in (out / "report.md").read_text()
+
+    # a finished head of another recipe in the same folder is refused, never retrained over or reused
+    changed = yaml.safe_load(open(config))
+    changed["eagle3_overrides"].append("ttt_steps=3")
+    other = root / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert cli.main(["quickstart", "--config", str(other), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run of another config (ttt_steps: saved 2 != now 3)" in err and err.count("\n") == 1
 
 
 def test_bad_config_key_is_one_clear_error(tmp_path, capsys, monkeypatch):

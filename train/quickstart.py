@@ -52,15 +52,16 @@ class QuickstartConfig:
     export_dtype: str = "bfloat16"
     prompts: list[str] = field(default_factory=lambda: ["data/prompts_eval.jsonl"])
     num_prompts: int = 3  # spread over the sources (hsd.decode.cli.select_prompts); 0 = all
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
     k: list[int] = field(default_factory=lambda: [3])
     methods: list[str] = field(default_factory=lambda: ["tokenwise", "hsd"])
     decode_extra_args: list[str] = field(default_factory=list)
     threads: int = 1
-    eagle3_seconds_per_step: float = 4.0
-    early_exit_seconds_per_step: float = 9.0
-    decode_tokens_per_s: float = 18.0
+    eagle3_seconds_per_step: float = 4.2
+    early_exit_seconds_per_step: float = 2.5
+    decode_tokens_per_s: float = 10.0
+    setup_seconds: float = 30.0  # per training stage: target load, data, end-of-run evaluation
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -80,6 +81,8 @@ class QuickstartConfig:
         bad = [m for m in self.methods if m not in ("tokenwise", "blockwise", "hsd")]
         if bad or not self.methods:
             raise ValueError(f"methods must list verifiers among tokenwise, blockwise, hsd, got {self.methods}")
+        if self.setup_seconds < 0:
+            raise ValueError(f"setup_seconds must be >= 0, got {self.setup_seconds}")
         for name in ("eagle3_seconds_per_step", "early_exit_seconds_per_step", "decode_tokens_per_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -160,9 +163,10 @@ def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
 
 
 def estimate_seconds(qc: QuickstartConfig, stages: list[Stage], cfgs: list[Any], reused: list[bool]) -> dict[str, float]:
-    """Seconds per step, from the configured steps and the per-step costs measured on this CPU (the config)."""
+    """Seconds per stage, from the configured steps and the per-step costs measured on this CPU (the config)."""
     rate = {"eagle3": qc.eagle3_seconds_per_step, "early_exit": qc.early_exit_seconds_per_step}
-    est = {s.name: 0.0 if done else planned_steps(c) * rate[s.name] for s, c, done in zip(stages, cfgs, reused)}
+    est = {s.name: 0.0 if done else qc.setup_seconds + planned_steps(c) * rate[s.name]
+           for s, c, done in zip(stages, cfgs, reused)}
     layers = len(getattr(cfgs[1], "exit_layers", []) or [4])
     prompts = qc.num_prompts or 50
     est["export"] = 20.0
@@ -227,7 +231,8 @@ def results_table(entries: list[dict]) -> list[str]:
     rows = ["| configuration | T | K | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('k') or ''} | {e.get('method') or ''} | "
+        verifier = e.get("method") if e.get("kind") == "engine" and e.get("k") else ""
+        rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('k') or ''} | {verifier or ''} | "
                     f"{e.get('exit_layer') or ''} | {_fmt(e.get('tau'))} | {_fmt(e.get('tokens_per_s_macro'), '.1f')} | "
                     f"{_fmt(e.get('speedup_vs_generate'))} | {_fmt(e.get('exact_match'))} |")
     return rows
@@ -246,15 +251,28 @@ def summary_lines(entries: list[dict], export_dir: Path, head_dir: Path, report:
     fast = max(entries, key=lambda e: e.get("speedup_vs_generate") or 0.0, default=None)
     speed = (f"{fast['name']} x{fast['speedup_vs_generate']:.2f} vs HF generate "
              f"({fast['tokens_per_s_macro']:.1f} tok/s)" if fast and fast.get("speedup_vs_generate") else "n/a")
-    return [f"tau (accepted tokens per target pass): {tau or 'n/a'}",
-            f"fastest: {speed}",
+    head_speed = ", ".join(f"{e['name']} x{e['speedup_vs_generate']:.2f}" for e in (g, s)
+                           if e and e.get("speedup_vs_generate"))
+    return [f"tau (tokens per target pass) of the head: {tau or 'n/a'}",
+            f"speed-up vs HF generate: head {head_speed or 'n/a'}; fastest configuration {speed}",
             f"head: {export_dir} (validated, Hub layout; trained head in {head_dir})",
             f"push: hsd-train export {head_dir} --out {export_dir} --overwrite --push-to-hub REPO_ID",
             f"report: {report}"]
 
 
+def training_lines(metrics: dict[str, dict]) -> list[str]:
+    """One line per training stage with its held-out headline metrics (acceptance, accuracy, alpha)."""
+    keep = ("acc_0", "accept", "alpha_mean", "top1_")
+    out = []
+    for stage, m in metrics.items():
+        shown = {k: v for k, v in m.items() if k.startswith("eval/") and any(w in k for w in keep)}
+        out.append(f"- {stage} (step {m.get('step')}): " + (", ".join(f"{k[5:]} {v:.3f}" for k, v in shown.items()
+                                                                      if isinstance(v, (int, float))) or "no eval"))
+    return out
+
+
 def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: dict[str, Path],
-                 stage_notes: dict[str, str], checks: list[str]) -> None:
+                 stage_notes: dict[str, str], checks: list[str], metrics: dict[str, dict]) -> None:
     """``report.md``: results table, plots, the command of each step, where every artefact is."""
     entries = decode["runs"]
     meta = decode.get("meta", {})
@@ -272,7 +290,8 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
             for k, v in decode["exit_agreement"].items()), ""]
     if plots:
         lines += ["## Plots", "", *[f"![{p.stem}](decode/{p.name})" for p in plots], ""]
-    lines += ["## Steps (each its own command)", ""]
+    lines += ["## Training (held-out metrics at the end of each run)", "", *training_lines(metrics), "",
+              "## Steps (each its own command)", ""]
     for name, cmd in commands.items():
         lines += [f"{name} ({stage_notes.get(name, 'ran')}):", "", "```", cmd, "```", ""]
     lines += ["## Export validation", "", *[f"- ok {c}" for c in checks], "", "## Artefacts", "",
@@ -316,10 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(qc.threads)
     out.mkdir(parents=True, exist_ok=True)
-    t0, notes, commands = time.perf_counter(), {}, {}
+    t0, notes, commands, metrics = time.perf_counter(), {}, {}, {}
     for i, (stage, cfg) in enumerate(zip(stages, cfgs), 1):
         _say(f"[{i}/5] {stage.shell()}")
-        was_reused, metrics = run_stage(stage, cfg)
+        was_reused, metrics[stage.name] = run_stage(stage, cfg)
         notes[f"{i}. train {stage.name}"] = "reused: finished earlier" if was_reused else "trained"
         commands[f"{i}. train {stage.name}"] = stage.shell()
         _say(f"      {'reused finished run' if was_reused else 'trained'}: {cfg.output_dir}/final "
@@ -337,13 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     decode = decode_stage(dargv, out / "decode", resume=all(reused) and export_reused)
     notes["4. decode"] = "continued (finished configurations reused)" if all(reused) and export_reused else "ran"
     report = out / "report.md"
-    commands["5. report"] = "hsd-train quickstart " + shlex.join(["--config", args.config, "--output-dir", str(out),
-                                                                  *args.overrides])
+    whole = ["--config", args.config, "--output-dir", str(out), *args.overrides]
+    commands["5. report (the whole job)"] = "hsd-train quickstart " + shlex.join(whole)
+    notes["5. report (the whole job)"] = "reruns reuse every finished step"
     artefacts = {"EAGLE-3 head (trained)": head, "EAGLE-3 head (exported, Hub layout)": export_dir,
                  "early-exit heads": exits, "export validation": out / "export" / "validation.json",
                  "decode JSON": out / "decode" / "decode.json", "decode answers": out / "decode" / "answers",
                  "training logs": out / "eagle3" / "metrics.jsonl"}
-    write_report(report, decode, commands, artefacts, notes, checks)
+    write_report(report, decode, commands, artefacts, notes, checks, metrics)
     _say(f"[5/5] wrote {report} ({(time.perf_counter() - t0) / 60:.1f} min)")
     for line in summary_lines(decode["runs"], export_dir, head, report):
         _say(f"  {line}")
