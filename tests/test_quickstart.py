@@ -72,6 +72,12 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "holds a finished run of another config (ttt_steps: saved 2 != now 3)" in err and err.count("\n") == 1
 
+    # other decode sizes: the heads are reused, the decode grid runs afresh (not a refused --resume)
+    assert cli.main(["quickstart", "--config", config, "--output-dir", str(out), "max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.count("reused finished run") == 2
+    rep = json.loads((out / "decode" / "decode.json").read_text())
+    assert rep["meta"]["max_new_tokens"] == 4 and "resumed_configurations" not in rep["meta"]
+
 
 def test_bad_config_key_is_one_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HSD_TRACEBACK", raising=False)

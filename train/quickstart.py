@@ -209,14 +209,25 @@ def decode_argv(qc: QuickstartConfig, target: str, head: Path, exit_head: Path, 
     return argv + list(qc.decode_extra_args)
 
 
+def _same_decode_run(out: Path, argv: list[str]) -> bool:
+    """True when ``out`` holds a (finished or interrupted) decode run of these same arguments."""
+    from hsd.decode import cli as decode_cli
+
+    try:
+        decode_cli.load_partial(out, decode_cli.build_parser().parse_args(argv))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def decode_stage(argv: list[str], out: Path, resume: bool) -> dict:
     """Run the decode command (continuing a finished or interrupted run of the same arguments when ``resume``)."""
     from hsd.decode import cli as decode_cli
 
-    if (out / "partial" / "args.json").is_file() and resume:
+    if resume and _same_decode_run(out, argv):
         argv = [*argv, "--resume"]
     elif out.exists():
-        shutil.rmtree(out)  # measured with an older head: start over
+        shutil.rmtree(out)  # measured with an older head or other arguments: start over
     if decode_cli.main(argv) != 0:
         raise ValueError(f"decode failed (arguments: {shlex.join(argv)})")
     return json.loads((out / "decode.json").read_text())
