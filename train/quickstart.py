@@ -220,17 +220,19 @@ def _same_decode_run(out: Path, argv: list[str]) -> bool:
     return True
 
 
-def decode_stage(argv: list[str], out: Path, resume: bool) -> dict:
-    """Run the decode command (continuing a finished or interrupted run of the same arguments when ``resume``)."""
+def decode_stage(argv: list[str], out: Path, resume: bool) -> tuple[bool, dict]:
+    """Run the decode command, continuing a finished or interrupted run of the same arguments when ``resume``;
+    returns (continued, the decode JSON)."""
     from hsd.decode import cli as decode_cli
 
-    if resume and _same_decode_run(out, argv):
+    continued = resume and _same_decode_run(out, argv)
+    if continued:
         argv = [*argv, "--resume"]
     elif out.exists():
         shutil.rmtree(out)  # measured with an older head or other arguments: start over
     if decode_cli.main(argv) != 0:
         raise ValueError(f"decode failed (arguments: {shlex.join(argv)})")
-    return json.loads((out / "decode.json").read_text())
+    return continued, json.loads((out / "decode.json").read_text())
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
@@ -364,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dargv = decode_argv(qc, cfgs[0].target, export_dir, exits, out / "decode")
     commands["4. decode"] = "hsd-train decode " + shlex.join(dargv)
     _say(f"[4/5] {commands['4. decode']}")
-    decode = decode_stage(dargv, out / "decode", resume=all(reused) and export_reused)
-    notes["4. decode"] = "continued (finished configurations reused)" if all(reused) and export_reused else "ran"
+    continued, decode = decode_stage(dargv, out / "decode", resume=all(reused) and export_reused)
+    notes["4. decode"] = "continued (finished configurations reused)" if continued else "ran"
     report = out / "report.md"
     whole = ["--config", args.config, "--output-dir", str(out), *args.overrides]
     commands["5. report (the whole job)"] = "hsd-train quickstart " + shlex.join(whole)
