@@ -252,8 +252,9 @@ def results_table(entries: list[dict]) -> list[str]:
 
 
 def best_head_entry(entries: list[dict], temperature: float) -> dict | None:
-    """The EAGLE-3 configuration with the highest τ at ``temperature``."""
-    heads = [e for e in entries if e["name"].split("/")[-1].startswith("eagle3") and e["temperature"] == temperature]
+    """The EAGLE-3 chain (without the exit stage) with the highest τ at ``temperature``."""
+    heads = [e for e in entries if e["name"].split("/")[-1].startswith("eagle3") and e["temperature"] == temperature
+             and not e.get("exit_layer")]
     return max(heads, key=lambda e: e.get("tau") or 0.0, default=None)
 
 
