@@ -27,11 +27,13 @@ $(SPEC_VENV)/bin/.installed: requirements-speculators.txt constraints.txt
 
 speculators-env: $(SPEC_VENV)/bin/.installed
 
-# Main job: train an EAGLE-3 draft head for SmolLM2-135M-Instruct on the bundled conversations (CPU,
-# offline). --resume: running it again continues an interrupted run instead of refusing the folder.
+# Main job on the bundled default (SmolLM2-135M-Instruct, CPU, offline): train the EAGLE-3 head and
+# early-exit heads, export and validate the head, decode the held-out prompts, write report.md
+# (train/quickstart.py; sizes in configs/quickstart/smollm2-135m.yaml). Running it again reuses finished steps.
+QUICKSTART_DIR ?= runs/quickstart/smollm2-135m
 run: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline} \
-		$(BIN)/hsd-train train eagle3 --config configs/eagle3/smollm2-135m.yaml --resume
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(BIN)/hsd-train quickstart --output-dir $(QUICKSTART_DIR)
 
 demo: install
 	$(BIN)/python -m hsd.verify --demo

@@ -4,6 +4,7 @@
     hsd-train train early-exit --config configs/early_exit/smollm2-135m.yaml [key=value ...]
     hsd-train decode --head runs/eagle3/smollm2-135m/final [--temperature 0 1 --k 3 5 ...]
     hsd-train export runs/eagle3/smollm2-135m/final --out exports/smollm2-135m-eagle3
+    hsd-train quickstart --output-dir runs/quickstart/smollm2-135m    # the main job: train, export, decode, report
     hsd-train --help                      # the commands; `hsd-train train` lists the trainers
 
 A command is a module with ``main(argv)``: the rest of the command line goes to it unchanged, so
@@ -30,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "train early-exit": "train.early_exit",
     "decode": "hsd.decode.cli",
     "export": "hsd.export.cli",
+    "quickstart": "train.quickstart",
 }
 
 

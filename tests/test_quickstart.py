@@ -1,0 +1,100 @@
+"""The main job (train/quickstart.py) end to end, shortened, on a tiny chat target: report with a row per
+decode configuration, a validated export, a second invocation that reuses every finished step, and bad
+config keys as one clear error."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.conftest import write_tiny_chat_run
+from train import cli, quickstart
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_config(root) -> str:
+    """A quickstart YAML for the tiny target: a few steps per stage, two prompts, few tokens."""
+    common = [f"target={root / 'target'}", f"data=[{root / 'chat.jsonl'}]", "report_to=none", "max_length=96"]
+    prompts = root / "prompts.jsonl"
+    rows = [{"id": "g0", "source": "gsm8k", "messages": [{"role": "user", "content": "what is one plus two?"}]},
+            {"id": "c0", "source": "chat", "messages": [{"role": "user", "content": "what is two plus three?"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"eagle3_overrides": [*common, "draft_vocab_size=48", "ttt_steps=2", "max_steps=3", "batch_size=4",
+                                "eval_every=0", "save_every=0", "cache_target=false"],
+           "early_exit_overrides": [*common, "exit_layers=[2]", "max_steps=2", "eval_every=0", "save_every=0"],
+           "prompts": [str(prompts)], "num_prompts": 2, "max_new_tokens": 6, "k": [2]}
+    path = root / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HSD_TRACEBACK", raising=False)
+    root = write_tiny_chat_run(tmp_path)
+    config, out = _tiny_config(root), tmp_path / "job"
+    assert cli.main(["quickstart", "--config", config, "--output-dir", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "estimated" in first and "trained:" in first
+    report = (out / "report.md").read_text()
+    runs = json.loads((out / "decode" / "decode.json").read_text())["runs"]
+    names = {e["name"] for e in runs}
+    for need in ("T0/hf_generate", "T0/ar", "T0/lookup-k2-greedy", "T0/eagle3-k2-greedy", "T0/eagle3-k2-greedy+exit2",
+                 "T1/eagle3-k2-tokenwise", "T1/eagle3-k2-hsd", "T1/eagle3-k2-hsd+exit2", "T1/hf_lookup-k2"):
+        assert need in names
+    rows = [ln for ln in report.splitlines() if ln.startswith("| `")]
+    assert sorted(re.match(r"\| `([^`]+)`", r).group(1) for r in rows) == sorted(names)
+    assert "hsd-train train eagle3 --config" in report and "hsd-train decode --target" in report
+    assert (out / "export" / "eagle3" / "config.json").is_file()
+    checks = json.loads((out / "export" / "validation.json").read_text())["checks"]
+    assert checks and "ok " in report
+    assert (out / "eagle3" / "final").is_dir() and (out / "early_exit" / "final" / "layer_2").is_dir()
+    assert f"report: {out / 'report.md'}" in first and "--push-to-hub REPO_ID" in first
+    stamp = (out / "eagle3" / "final" / "config.yaml").stat().st_mtime_ns
+
+    assert cli.main(["quickstart", "--config", config, "--output-dir", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert second.count("reused finished run") == 2 and "trained:" not in second
+    assert "reused: head unchanged" in second
+    assert (out / "eagle3" / "final" / "config.yaml").stat().st_mtime_ns == stamp  # not retrained
+    meta = json.loads((out / "decode" / "decode.json").read_text())["meta"]
+    assert sorted(meta["resumed_configurations"]) == sorted(names)  # decode continued, nothing rerun
+    assert "## Training" in (out / "report.md").read_text()
+
+    # a finished head of another recipe in the same folder is refused, never retrained over or reused
+    changed = yaml.safe_load(open(config))
+    changed["eagle3_overrides"].append("ttt_steps=3")
+    other = root / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert cli.main(["quickstart", "--config", str(other), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run of another config (ttt_steps: saved 2 != now 3)" in err and err.count("\n") == 1
+
+    # other decode sizes: the heads are reused, the decode grid runs afresh (not a refused --resume)
+    assert cli.main(["quickstart", "--config", config, "--output-dir", str(out), "max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.count("reused finished run") == 2
+    rep = json.loads((out / "decode" / "decode.json").read_text())
+    assert rep["meta"]["max_new_tokens"] == 4 and "resumed_configurations" not in rep["meta"]
+
+
+def test_bad_config_key_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HSD_TRACEBACK", raising=False)
+    assert cli.main(["quickstart", "--output-dir", str(tmp_path), "num_promts=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hsd-train quickstart: error: " in err and "num_promts" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eagle3_overrides: [lrr=1e-3]\n")
+    assert cli.main(["quickstart", "--config", str(bad), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'lrr'" in err
+    assert not (tmp_path / "eagle3").exists()  # nothing ran
+
+
+def test_estimate_from_configured_steps(capsys):
+    """The default plan: the printed estimate fits the 25-minute budget and counts the real training steps."""
+    assert quickstart.main(["--estimate-only", "--output-dir", "/nonexistent/quickstart"]) == 0
+    line = capsys.readouterr().out
+    minutes = float(re.search(r"estimated ([0-9.]+) min", line).group(1))
+    assert 10 < minutes <= 25, line

@@ -1,0 +1,390 @@
+"""The main job: train an EAGLE-3 head and early-exit heads, export, decode, write report.md.
+
+    hsd-train quickstart --output-dir runs/quickstart/smollm2-135m [--config configs/quickstart/smollm2-135m.yaml]
+        [--estimate-only] [key=value ...]
+
+Each step is an existing command, called here as a library function with the arguments printed in
+``report.md`` (so every step can be rerun alone):
+
+1. ``hsd-train train eagle3 --config ... --resume output_dir=DIR/eagle3``
+2. ``hsd-train train early-exit --config ... --resume output_dir=DIR/early_exit``
+3. ``hsd-train export DIR/eagle3/final --out DIR/export/eagle3`` (validated inside the exporter)
+4. ``hsd-train decode --head DIR/export/eagle3 --exit-head DIR/early_exit/final --out-dir DIR/decode ...``
+5. ``DIR/report.md`` from ``DIR/decode/decode.json`` and the decode plots.
+
+Running it again reuses what is finished: a training stage whose ``final/`` was written with the same
+config is not retrained (an interrupted one resumes from its last checkpoint), the export is kept when the
+head did not change, and the decode run continues with ``--resume`` (finished configurations are loaded).
+Sizes live in ``configs/quickstart/*.yaml`` (typed and validated like every run config; unknown keys are
+refused). ``decode_extra_args`` goes to the decode command unchanged: the hook for tree configurations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsd.config import config_diff, config_to_dict, load_config
+
+DEFAULT_CONFIG = "configs/quickstart/smollm2-135m.yaml"
+# keys that may differ between a finished run's saved config and this one without making it a different run
+_REUSE_IGNORED = frozenset({"output_dir", "log_every", "eval_every", "save_every", "keep_last", "report_to",
+                            "run_name", "resume", "overwrite", "wandb_project", "attention", "cache_target"})
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes of the main job (``configs/quickstart/smollm2-135m.yaml``)."""
+
+    output_dir: str = "runs/quickstart/smollm2-135m"
+    eagle3_config: str = "configs/eagle3/smollm2-135m.yaml"
+    eagle3_overrides: list[str] = field(default_factory=list)
+    early_exit_config: str = "configs/early_exit/smollm2-135m.yaml"
+    early_exit_overrides: list[str] = field(default_factory=list)
+    export_dtype: str = "bfloat16"
+    prompts: list[str] = field(default_factory=lambda: ["data/prompts_eval.jsonl"])
+    num_prompts: int = 3  # spread over the sources (hsd.decode.cli.select_prompts); 0 = all
+    max_new_tokens: int = 48
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    k: list[int] = field(default_factory=lambda: [3])
+    methods: list[str] = field(default_factory=lambda: ["tokenwise", "hsd"])
+    decode_extra_args: list[str] = field(default_factory=list)
+    threads: int = 1
+    eagle3_seconds_per_step: float = 4.2
+    early_exit_seconds_per_step: float = 2.5
+    decode_tokens_per_s: float = 10.0
+    setup_seconds: float = 30.0  # per training stage: target load, data, end-of-run evaluation
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not self.output_dir:
+            raise ValueError("output_dir must not be empty")
+        if self.export_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
+        for name in ("num_prompts", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.k or min(self.k) < 1:
+            raise ValueError(f"k must list draft lengths >= 1, got {self.k}")
+        if not self.temperatures or min(self.temperatures) < 0:
+            raise ValueError(f"temperatures must list values >= 0, got {self.temperatures}")
+        bad = [m for m in self.methods if m not in ("tokenwise", "blockwise", "hsd")]
+        if bad or not self.methods:
+            raise ValueError(f"methods must list verifiers among tokenwise, blockwise, hsd, got {self.methods}")
+        if self.setup_seconds < 0:
+            raise ValueError(f"setup_seconds must be >= 0, got {self.setup_seconds}")
+        for name in ("eagle3_seconds_per_step", "early_exit_seconds_per_step", "decode_tokens_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Stage:
+    """One training stage: the trainer's ``main``, its config class and the argv that runs it."""
+
+    name: str  # "eagle3" | "early_exit"
+    command: str  # hsd-train words
+    main: Callable[[Sequence[str] | None], Any]
+    config_cls: type
+    config_path: str
+    overrides: list[str]
+
+    @property
+    def argv(self) -> list[str]:
+        return ["--config", self.config_path, "--resume", *self.overrides]
+
+    def load(self) -> Any:
+        """The stage's validated run config (bad keys fail here, before anything runs)."""
+        return load_config(self.config_cls, self.config_path, self.overrides)
+
+    def shell(self) -> str:
+        return f"hsd-train {self.command} " + shlex.join(self.argv)
+
+
+def training_stages(qc: QuickstartConfig, out: Path) -> list[Stage]:
+    """The two training stages, writing under ``out/eagle3`` and ``out/early_exit``."""
+    from train import eagle3, early_exit
+
+    return [Stage("eagle3", "train eagle3", eagle3.main, eagle3.Eagle3TrainConfig, qc.eagle3_config,
+                  [*qc.eagle3_overrides, f"output_dir={out / 'eagle3'}"]),
+            Stage("early_exit", "train early-exit", early_exit.main, early_exit.EarlyExitTrainConfig,
+                  qc.early_exit_config, [*qc.early_exit_overrides, f"output_dir={out / 'early_exit'}"])]
+
+
+def finished_run(cfg: Any) -> bool:
+    """True when ``cfg.output_dir/final`` was written by a run of this same config (same steps too).
+
+    A finished run of another config is refused (ValueError) rather than silently reused or replaced."""
+    saved_path = Path(cfg.output_dir) / "final" / "config.yaml"
+    if not saved_path.is_file():
+        return False
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diff = config_diff(saved, config_to_dict(cfg), ignore=_REUSE_IGNORED)
+    if not diff:
+        return True
+    if set(diff) <= {"max_steps", "num_epochs"}:
+        return False  # more (or fewer) steps asked: the trainer resumes from the last checkpoint
+    lines = "; ".join(f"{k}: saved {a!r} != now {b!r}" for k, (a, b) in sorted(diff.items()))
+    raise ValueError(f"{cfg.output_dir} holds a finished run of another config ({lines}); use another "
+                     "--output-dir or delete that folder")
+
+
+def planned_steps(cfg: Any) -> int:
+    """Optimizer steps a run config asks for (max_steps, else epochs x batches of its data files' rows)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    rows = 0
+    for name in cfg.data:
+        path = Path(name)
+        rows += sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
+    train_rows = rows - math.ceil(rows * cfg.eval_fraction)
+    return cfg.num_epochs * max(1, train_rows // (cfg.batch_size * cfg.grad_accum))
+
+
+def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
+    """Configurations the decode grid holds (as ``hsd.decode.evaluate.build_grid`` builds it, chains only)."""
+    n = 0
+    for t in qc.temperatures:
+        meths = 1 if t == 0 else len(qc.methods)
+        n += 2 + len(qc.k) * (2 + meths * (1 + exit_layers))  # generate, ar; per K lookup x2, head (+exit)
+    return n
+
+
+def estimate_seconds(qc: QuickstartConfig, stages: list[Stage], cfgs: list[Any], reused: list[bool]) -> dict[str, float]:
+    """Seconds per stage, from the configured steps and the per-step costs measured on this CPU (the config)."""
+    rate = {"eagle3": qc.eagle3_seconds_per_step, "early_exit": qc.early_exit_seconds_per_step}
+    est = {s.name: 0.0 if done else qc.setup_seconds + planned_steps(c) * rate[s.name]
+           for s, c, done in zip(stages, cfgs, reused)}
+    layers = len(getattr(cfgs[1], "exit_layers", []) or [4])
+    prompts = qc.num_prompts or 50
+    est["export"] = 20.0
+    est["decode"] = 30.0 + decode_configurations(qc, layers) * prompts * qc.max_new_tokens / qc.decode_tokens_per_s
+    return est
+
+
+def run_stage(stage: Stage, cfg: Any) -> tuple[bool, dict]:
+    """Train (or resume) unless finished; returns (reused, final metrics)."""
+    final = Path(cfg.output_dir) / "final"
+    reused = finished_run(cfg)
+    if not reused:
+        stage.main(stage.argv)
+    metrics_path = final / "metrics.json"
+    return reused, json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+
+
+def export_stage(head: Path, out: Path, dtype: str, target: str, reuse: bool) -> tuple[bool, list[str]]:
+    """Export and validate the EAGLE-3 head into ``out`` (kept when ``reuse`` and already there)."""
+    record = out.parent / "validation.json"
+    if reuse and (out / "config.json").is_file() and record.is_file():
+        return True, json.loads(record.read_text())["checks"]
+    from hsd.export import export_head
+
+    result = export_head(head, out, dtype=dtype, target=target, overwrite=True)
+    checks = list(result.report.checks)
+    record.write_text(json.dumps({"folder": str(result.folder), "checks": checks, "notes": list(result.report.notes)},
+                                 indent=1))
+    return False, checks
+
+
+def decode_argv(qc: QuickstartConfig, target: str, head: Path, exit_head: Path, out: Path) -> list[str]:
+    """Arguments of ``hsd-train decode`` for the main job's grid (+ ``decode_extra_args``, the tree hook)."""
+    argv = ["--target", target, "--head", str(head), "--exit-head", str(exit_head), "--prompts", *qc.prompts,
+            "--num-prompts", str(qc.num_prompts), "--max-new-tokens", str(qc.max_new_tokens),
+            "--temperature", *map(str, qc.temperatures), "--k", *map(str, qc.k), "--method", *qc.methods,
+            "--out-dir", str(out)]
+    if qc.threads:
+        argv += ["--threads", str(qc.threads)]
+    return argv + list(qc.decode_extra_args)
+
+
+def _same_decode_run(out: Path, argv: list[str]) -> bool:
+    """True when ``out`` holds a (finished or interrupted) decode run of these same arguments."""
+    from hsd.decode import cli as decode_cli
+
+    try:
+        decode_cli.load_partial(out, decode_cli.build_parser().parse_args(argv))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def decode_stage(argv: list[str], out: Path, resume: bool) -> tuple[bool, dict]:
+    """Run the decode command, continuing a finished or interrupted run of the same arguments when ``resume``;
+    returns (continued, the decode JSON)."""
+    from hsd.decode import cli as decode_cli
+
+    continued = resume and _same_decode_run(out, argv)
+    if continued:
+        argv = [*argv, "--resume"]
+    elif out.exists():
+        shutil.rmtree(out)  # measured with an older head or other arguments: start over
+    if decode_cli.main(argv) != 0:
+        raise ValueError(f"decode failed (arguments: {shlex.join(argv)})")
+    return continued, json.loads((out / "decode.json").read_text())
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def results_table(entries: list[dict]) -> list[str]:
+    """Markdown rows, one per decode configuration, from ``decode.json``'s ``runs``."""
+    rows = ["| configuration | T | K | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        verifier = e.get("method") if e.get("kind") == "engine" and e.get("k") else ""
+        rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('k') or ''} | {verifier or ''} | "
+                    f"{e.get('exit_layer') or ''} | {_fmt(e.get('tau'))} | {_fmt(e.get('tokens_per_s_macro'), '.1f')} | "
+                    f"{_fmt(e.get('speedup_vs_generate'))} | {_fmt(e.get('exact_match'))} |")
+    return rows
+
+
+def best_head_entry(entries: list[dict], temperature: float) -> dict | None:
+    """The EAGLE-3 chain (without the exit stage) with the highest τ at ``temperature``."""
+    heads = [e for e in entries if e["name"].split("/")[-1].startswith("eagle3") and e["temperature"] == temperature
+             and not e.get("exit_layer")]
+    return max(heads, key=lambda e: e.get("tau") or 0.0, default=None)
+
+
+def summary_lines(entries: list[dict], export_dir: Path, head_dir: Path, report: Path) -> list[str]:
+    """The five lines printed at the end: τ, speed-up, where the head is, how to push it, the report."""
+    g, s = best_head_entry(entries, 0.0), best_head_entry(entries, 1.0)
+    tau = ", ".join(f"T={e['temperature']:g} {e['name'].split('/')[-1]} τ {e['tau']:.2f}" for e in (g, s) if e)
+    fast = max(entries, key=lambda e: e.get("speedup_vs_generate") or 0.0, default=None)
+    speed = (f"{fast['name']} x{fast['speedup_vs_generate']:.2f} vs HF generate "
+             f"({fast['tokens_per_s_macro']:.1f} tok/s)" if fast and fast.get("speedup_vs_generate") else "n/a")
+    head_speed = ", ".join(f"{e['name']} x{e['speedup_vs_generate']:.2f}" for e in (g, s)
+                           if e and e.get("speedup_vs_generate"))
+    return [f"tau (tokens per target pass) of the head: {tau or 'n/a'}",
+            f"speed-up vs HF generate: head {head_speed or 'n/a'}; fastest configuration {speed}",
+            f"head: {export_dir} (validated, Hub layout; trained head in {head_dir})",
+            f"push: hsd-train export {head_dir} --out {export_dir} --overwrite --push-to-hub REPO_ID",
+            f"report: {report}"]
+
+
+def training_lines(metrics: dict[str, dict]) -> list[str]:
+    """One line per training stage with its held-out headline metrics (acceptance, accuracy, alpha)."""
+    keep = ("acc_0", "accept", "alpha_mean", "top1_")
+    out = []
+    for stage, m in metrics.items():
+        shown = {k: v for k, v in m.items() if k.startswith("eval/") and any(w in k for w in keep)}
+        out.append(f"- {stage} (step {m.get('step')}): " + (", ".join(f"{k[5:]} {v:.3f}" for k, v in shown.items()
+                                                                      if isinstance(v, (int, float))) or "no eval"))
+    return out
+
+
+def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: dict[str, Path],
+                 stage_notes: dict[str, str], checks: list[str], metrics: dict[str, dict]) -> None:
+    """``report.md``: results table, plots, the command of each step, where every artefact is."""
+    entries = decode["runs"]
+    meta = decode.get("meta", {})
+    plots = sorted(path.parent.glob("decode/*.png"))
+    lines = ["# Main job report", "",
+             f"Target `{meta.get('target')}`, prompts {meta.get('prompts')}, {meta.get('max_new_tokens')} new tokens, "
+             f"{meta.get('torch_threads')} torch thread(s), started {meta.get('started')}, "
+             f"finished {meta.get('finished')}.", "",
+             "## Results (generated from decode/decode.json)", "", *results_table(entries), "",
+             "τ = tokens emitted per target pass; T = 0 rows use greedy verification and must reproduce "
+             "`generate()` exactly (exact match 1.00).", ""]
+    if decode.get("exit_agreement"):
+        lines += ["Exit heads on the target's greedy outputs: " + ", ".join(
+            f"layer {k}: top-1 {v['top1_agreement']:.3f}, alpha(T=1) {v['alpha_T1']:.3f}"
+            for k, v in decode["exit_agreement"].items()), ""]
+    if plots:
+        lines += ["## Plots", "", *[f"![{p.stem}](decode/{p.name})" for p in plots], ""]
+    lines += ["## Training (held-out metrics at the end of each run)", "", *training_lines(metrics), "",
+              "## Steps (each its own command)", ""]
+    for name, cmd in commands.items():
+        lines += [f"{name} ({stage_notes.get(name, 'ran')}):", "", "```", cmd, "```", ""]
+    lines += ["## Export validation", "", *[f"- ok {c}" for c in checks], "", "## Artefacts", "",
+              *[f"- {k}: `{v}`" for k, v in artefacts.items()], ""]
+    path.write_text("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hsd-train quickstart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"quickstart YAML (default {DEFAULT_CONFIG})")
+    p.add_argument("--output-dir", help="where everything goes (default: the config's output_dir)")
+    p.add_argument("--estimate-only", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
+    return p
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the main job (see the module docstring); bad input raises ValueError (one line via run_main)."""
+    args = build_parser().parse_args(argv)
+    overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
+    qc = load_config(QuickstartConfig, args.config, overrides)
+    out = Path(qc.output_dir)
+    stages = training_stages(qc, out)
+    cfgs = [s.load() for s in stages]  # every config checked before anything runs
+    for name in qc.prompts:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"prompt file not found: {name!r}")
+    reused = [finished_run(c) for c in cfgs]
+    est = estimate_seconds(qc, stages, cfgs, reused)
+    _say(f"main job -> {out}; estimated {sum(est.values()) / 60:.1f} min on this CPU ("
+         + ", ".join(f"{k} {v / 60:.1f}" + (" (finished: reused)" if v == 0 else "") for k, v in est.items())
+         + "; from the configured steps x measured costs in " + args.config + ")")
+    if args.estimate_only:
+        return 0
+    if qc.threads:
+        import torch
+
+        torch.set_num_threads(qc.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, notes, commands, metrics = time.perf_counter(), {}, {}, {}
+    for i, (stage, cfg) in enumerate(zip(stages, cfgs), 1):
+        _say(f"[{i}/5] {stage.shell()}")
+        was_reused, metrics[stage.name] = run_stage(stage, cfg)
+        notes[f"{i}. train {stage.name}"] = "reused: finished earlier" if was_reused else "trained"
+        commands[f"{i}. train {stage.name}"] = stage.shell()
+        _say(f"      {'reused finished run' if was_reused else 'trained'}: {cfg.output_dir}/final "
+             f"({time.perf_counter() - t0:.0f} s elapsed)")
+    head, exits, export_dir = out / "eagle3" / "final", out / "early_exit" / "final", out / "export" / "eagle3"
+    commands["3. export"] = (f"hsd-train export {head} --out {export_dir} --dtype {qc.export_dtype} "
+                             f"--target {cfgs[0].target} --overwrite")
+    _say(f"[3/5] {commands['3. export']}")
+    export_reused, checks = export_stage(head, export_dir, qc.export_dtype, cfgs[0].target, reuse=reused[0])
+    notes["3. export"] = "reused: head unchanged" if export_reused else "exported and validated"
+    _say(f"      {notes['3. export']}: {export_dir} ({len(checks)} checks passed)")
+    dargv = decode_argv(qc, cfgs[0].target, export_dir, exits, out / "decode")
+    commands["4. decode"] = "hsd-train decode " + shlex.join(dargv)
+    _say(f"[4/5] {commands['4. decode']}")
+    continued, decode = decode_stage(dargv, out / "decode", resume=all(reused) and export_reused)
+    notes["4. decode"] = "continued (finished configurations reused)" if continued else "ran"
+    report = out / "report.md"
+    whole = ["--config", args.config, "--output-dir", str(out), *args.overrides]
+    commands["5. report (the whole job)"] = "hsd-train quickstart " + shlex.join(whole)
+    notes["5. report (the whole job)"] = "reruns reuse every finished step"
+    artefacts = {"EAGLE-3 head (trained)": head, "EAGLE-3 head (exported, Hub layout)": export_dir,
+                 "early-exit heads": exits, "export validation": out / "export" / "validation.json",
+                 "decode JSON": out / "decode" / "decode.json", "decode answers": out / "decode" / "answers",
+                 "training logs": out / "eagle3" / "metrics.jsonl"}
+    write_report(report, decode, commands, artefacts, notes, checks, metrics)
+    _say(f"[5/5] wrote {report} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    for line in summary_lines(decode["runs"], export_dir, head, report):
+        _say(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    from hsd.config import run_main
+
+    sys.exit(run_main(main))
