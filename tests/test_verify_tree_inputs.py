@@ -86,7 +86,7 @@ def test_bad_shapes_and_values():
     with pytest.raises(ValueError, match="method"):
         verify_tree(t, par, q, p, method="hsd")
     with pytest.raises(ValueError, match="backend"):
-        verify_tree(t, par, q, p, backend="triton")
+        verify_tree(t, par, q, p, backend="cuda")
     with pytest.raises(ValueError, match=r"coins.*shape"):
         verify_tree(t, par, q, p, uniforms=(torch.rand(6, 4), torch.rand(6)))
     logits = torch.randn(6, 6, 5)
