@@ -1,0 +1,47 @@
+"""TreeSpec: the shape budget of one EAGLE-2-style dynamic draft tree (top-k, depth, total nodes).
+
+Parsed from the CLI form ``TOPK:DEPTH:TOTAL`` (e.g. ``4:5:16``) and named ``tree{TOPK}x{DEPTH}n{TOTAL}`` in
+run names. Only the shape lives here; drafting and verification use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """top_k: children expanded per frontier node per step (>= 1); depth: drafting steps, i.e. the longest
+    root-to-leaf path (>= 1); total_tokens: nodes kept after pruning by cumulative draft log-probability,
+    parents before children (depth <= total_tokens <= top_k + top_k**2 + ... + top_k**depth)."""
+
+    top_k: int
+    depth: int
+    total_tokens: int
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "depth", "total_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"tree {name}: must be an integer >= 1, got {v!r}")
+        most = sum(self.top_k ** d for d in range(1, self.depth + 1))
+        if not self.depth <= self.total_tokens <= most:
+            raise ValueError(f"tree total_tokens: must lie in [depth, top_k + ... + top_k**depth] = "
+                             f"[{self.depth}, {most}] for top_k={self.top_k}, depth={self.depth}; "
+                             f"got {self.total_tokens}")
+
+    @classmethod
+    def parse(cls, text: str) -> TreeSpec:
+        """``"TOPK:DEPTH:TOTAL"`` -> TreeSpec; anything else is a ValueError quoting the text."""
+        parts = str(text).split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            top_k, depth, total = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"tree: expected TOPK:DEPTH:TOTAL with integers (e.g. 4:5:16), got {text!r}") from None
+        return cls(top_k, depth, total)
+
+    @property
+    def name(self) -> str:
+        """Run-name fragment, e.g. ``tree4x5n16``."""
+        return f"tree{self.top_k}x{self.depth}n{self.total_tokens}"
