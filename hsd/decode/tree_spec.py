@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 
 @dataclass(frozen=True)
 class TreeSpec:
@@ -45,3 +48,26 @@ class TreeSpec:
     def name(self) -> str:
         """Run-name fragment, e.g. ``tree4x5n16``."""
         return f"tree{self.top_k}x{self.depth}n{self.total_tokens}"
+
+
+def prune_tree(parents: Tensor, scores: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``total`` best nodes of a candidate tree by cumulative draft log-probability (EAGLE-2 re-rank).
+
+    parents [N] int64 (-1 = child of the root, parents before children); scores [N] float, each node's
+    cumulative log-probability (so a child never scores above its parent). Ties go to the earlier node,
+    which is the parent, so the kept set is closed under ancestors. Returns (keep [total] old indices in
+    their original, topological order; new_parents [total] re-indexed into ``keep``, -1 = root).
+    """
+    n = int(parents.shape[0])
+    if not 1 <= total <= n:
+        raise ValueError(f"prune_tree: total must lie in [1, {n}], got {total}")
+    order = sorted(range(n), key=lambda j: (-float(scores[j]), j))
+    keep = torch.tensor(sorted(order[:total]), dtype=torch.long)
+    new_index = {int(old): new for new, old in enumerate(keep.tolist())}
+    new_parents = []
+    for old in keep.tolist():
+        p = int(parents[old])
+        if p >= 0 and p not in new_index:
+            raise ValueError("prune_tree: a child scores above its parent; scores must be cumulative log-probs")
+        new_parents.append(-1 if p < 0 else new_index[p])
+    return keep, torch.tensor(new_parents, dtype=torch.long)

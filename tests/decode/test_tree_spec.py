@@ -20,3 +20,17 @@ def test_parse_and_name():
 def test_bad_spec_names_the_problem(text, needle):
     with pytest.raises(ValueError, match=needle):
         TreeSpec.parse(text)
+
+
+def test_prune_tree_keeps_best_ancestor_closed_nodes():
+    import torch
+
+    from hsd.decode.tree_spec import prune_tree
+    # root -> 0 (-0.1), 1 (-1.0); 0 -> 2 (-0.3), 3 (-2.0); 1 -> 4 (-1.2); 2 -> 5 (-0.5)
+    parents = torch.tensor([-1, -1, 0, 0, 1, 2])
+    scores = torch.tensor([-0.1, -1.0, -0.3, -2.0, -1.2, -0.5])
+    keep, new_parents = prune_tree(parents, scores, 4)
+    assert keep.tolist() == [0, 1, 2, 5]
+    assert new_parents.tolist() == [-1, -1, 0, 2]
+    with pytest.raises(ValueError, match="cumulative"):
+        prune_tree(torch.tensor([-1, 0]), torch.tensor([-1.0, -0.5]), 1)
