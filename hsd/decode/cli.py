@@ -171,10 +171,14 @@ def _run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def save_partial_args(out_dir: Path, args: argparse.Namespace) -> None:
-    (out_dir / "partial").mkdir(exist_ok=True)
-    path = out_dir / "partial" / "args.json"
-    if not path.exists():
-        path.write_text(json.dumps(_run_args(args), indent=1))
+    """Record this run's arguments; a fresh (not --resume) run drops an earlier run's saved configurations,
+    so a later --resume never mixes two runs."""
+    part = out_dir / "partial"
+    part.mkdir(exist_ok=True)
+    if not args.resume:
+        for f in part.glob("*.pkl"):
+            f.unlink()
+    (part / "args.json").write_text(json.dumps(_run_args(args), indent=1))
 
 
 def save_partial(out_dir: Path, name: str, runs: list, tps: list[float]) -> None:

@@ -47,17 +47,14 @@ def verify_chain(tokens: Tensor, proposal: Tensor | None, target_logits: Tensor,
     at the position before token j; row K: the bonus position). method: "greedy" or an ``hsd.verify`` method.
     Returns (num_accepted [B], next_token [B]): emit tokens[:, :num_accepted] then next_token.
     """
-    b, k = tokens.shape
-    if method == "greedy":
+    k = tokens.shape[1]
+    if method == "greedy" or params.greedy:  # T = 0: the processed target is one-hot at the logits' argmax
         if k == 0:
             best = target_logits[:, 0].argmax(-1)
             return torch.zeros_like(best), best
         res = greedy_verify(tokens, target_logits)
         return res.num_accepted, res.next_token
     p = process(target_logits, params)
-    if params.greedy:  # top_k = 1 or similar: a point-mass target
-        res = greedy_verify(tokens, p) if k else None
-        return (res.num_accepted, res.next_token) if k else (torch.zeros(b, dtype=torch.long), p[:, 0].argmax(-1))
     if k == 0:  # nothing to verify: a plain draw from the target
         tok = sample(p[:, 0], generator)
         return torch.zeros_like(tok), tok

@@ -128,15 +128,13 @@ def _verify_tree_kernel(tok_ptr, tok_sb, par_ptr, par_sb,
         score = tl.where(ok & (lanes <= N), depth * (N + 1) + (N - lanes), -1)
         top = tl.max(score, axis=0)
         last = tl.min(tl.where(score == top, lanes, N_POW2), axis=0).to(tl.int64)
-        on_path = ok & (lanes <= N)  # the ancestors of `last` are exactly the ok slots with smaller depth
-        # keep only last's ancestors: walk up from last
-        anc = lanes == last
+        # the accepted path: `last` and its ancestors (walk up; every one of them is ok)
+        on_path = lanes == last
         s_cur = last
         for _ in range(N):
             up = tl.where(s_cur > 0, _get(pslot, lanes, s_cur - 1), 0)
-            anc = anc | (lanes == up)
+            on_path = on_path | (lanes == up)
             s_cur = up
-        on_path = on_path & anc
         token = _get(best_all, lanes, last)
     else:
         # ---- per-slot state (lane s) and per-node numbers (lane i) ----

@@ -159,3 +159,10 @@ def test_resume_reuses_finished_configurations(tmp_path, capsys):
     assert main([*changed, "--resume"]) == 2
     assert "k (was [2], now [3])" in capsys.readouterr().err
     assert main([*argv[:-2], "--resume"]) == 2  # --resume without --out-dir
+    # A fresh run in the same folder (other arguments) drops the old run's saved configurations ...
+    assert main(changed) == 0
+    names = {e["name"] for e in json.loads((out / "decode.json").read_text())["runs"]}
+    assert "T0/eagle3-k3-greedy" in names and "T0/eagle3-k2-greedy" not in names
+    # ... so resuming it reloads exactly its own configurations.
+    assert main([*changed, "--resume"]) == 0
+    assert set(json.loads((out / "decode.json").read_text())["meta"]["resumed_configurations"]) == names
