@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .tree_spec import TreeSpec
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", nargs="+", default=["tokenwise", "hsd"],
                     help="verifiers at T > 0 (tokenwise, blockwise, hsd); T = 0 uses greedy_verify")
     ap.add_argument("--backend", nargs="+", default=["torch"], help="torch and/or triton")
-    ap.add_argument("--tree", action="store_true", help="tree drafts (not implemented yet: a later issue)")
+    ap.add_argument("--tree", nargs="+", default=[], metavar="TOPK:DEPTH:TOTAL",
+                    help="EAGLE-2-style dynamic draft trees from the head, e.g. 4:4:16 (next to the chains of --k; "
+                         "per method: tokenwise -> recursive rejection sampling, hsd -> weighted tree verifier)")
+    ap.add_argument("--no-chain", action="store_true",
+                    help="no chain configurations of this engine (with --tree: trees next to the baselines only)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     ap.add_argument("--no-lookup", action="store_true", help="skip this engine's prompt-lookup drafter")
     ap.add_argument("--no-model-drafter", action="store_true",
@@ -211,10 +217,6 @@ def load_partial(out_dir: Path, args: argparse.Namespace) -> dict[str, tuple[lis
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tree:
-        print("error: --tree: tree drafting and verification come with a later issue; chains only for now",
-              file=sys.stderr)
-        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from rich.console import Console
@@ -232,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.backend:
         if b not in ("torch", "triton"):
             print(f"error: --backend: unknown backend {b!r} (torch, triton)", file=sys.stderr)
+            return 2
+    for tree in args.tree:
+        try:
+            TreeSpec.parse(tree)
+        except ValueError as err:
+            print(f"error: --tree: {err}", file=sys.stderr)
             return 2
     bad = [m for m in args.method if m not in ("tokenwise", "blockwise", "hsd", "greedy")]
     if bad:
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                        exit_layers=args.exit_layer or sorted(models.exit_heads),
                        draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
                        exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
-                       model_drafter=not args.no_model_drafter)
+                       model_drafter=not args.no_model_drafter, trees=args.tree,
+                       chains=not args.no_chain)
     clock = time.process_time if args.device == "cpu" else time.perf_counter
     ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels, stage_clock=clock)
     meta = {"started": timestamp(), "argv": sys.argv if argv is None else argv, "target": args.target,

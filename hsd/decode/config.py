@@ -7,6 +7,7 @@ from typing import Any
 from hsd.verify import METHODS
 
 from .sampling import SamplingParams
+from .tree_spec import TreeSpec
 
 VERIFY_METHODS = ("auto", "greedy", *METHODS)
 BACKENDS = ("torch", "triton")
@@ -26,6 +27,10 @@ class DecodeConfig:
         verifies it (1 = one stage-1 round per target pass, HiSpec's N_i).
     max_new_tokens: the output is cut there exactly; eos_token_id: stop after any of these ids (None = the
         target's generation config).
+    tree: draft a dynamic tree "TOPK:DEPTH:TOTAL" (:class:`~hsd.decode.tree_spec.TreeSpec`) instead of a
+        chain of k (None = chain). Tree verification maps the methods to their tree forms: "tokenwise" ->
+        recursive rejection sampling ("rrs"), "blockwise" / "hsd" -> the weighted tree verifier (block
+        verification on a chain); T = 0 -> greedy.
     """
 
     temperature: float = 0.0
@@ -37,6 +42,7 @@ class DecodeConfig:
     exit_window: int = 1
     max_new_tokens: int = 128
     eos_token_id: list[int] | int | None = None
+    tree: str | None = None
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
@@ -50,6 +56,8 @@ class DecodeConfig:
             raise ValueError(f"exit_window: must be >= 1, got {self.exit_window}")
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.tree is not None:
+            TreeSpec.parse(self.tree)  # validates, with the error naming the problem
         if self.method == "greedy" and float(self.temperature) != 0.0:
             raise ValueError("method: 'greedy' verification is exact only at temperature 0; use 'tokenwise', "
                              "'blockwise' or 'hsd' (or 'auto') when sampling")
@@ -64,6 +72,16 @@ class DecodeConfig:
         if self.method == "auto":
             return "greedy" if self.sampling.greedy else "hsd"
         return self.method
+
+    @property
+    def tree_spec(self) -> TreeSpec | None:
+        return None if self.tree is None else TreeSpec.parse(self.tree)
+
+    @property
+    def tree_method(self) -> str:
+        """The ``verify_tree`` method of a tree run: "greedy", "rrs" or "weighted"."""
+        m = self.verify_method
+        return m if m == "greedy" else ("rrs" if m == "tokenwise" else "weighted")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecodeConfig:

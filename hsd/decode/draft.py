@@ -4,7 +4,7 @@ Node ``j`` of row ``b`` holds ``tokens[b, j]``, hangs below ``parents[b, j]`` (`
 last committed token, which the target has not seen yet) and was drawn from the processed proposal row
 ``q[b, j]`` (``None`` for deterministic drafts such as prompt lookup: point masses). Parents come before
 their children, so node order is a topological order. The target pass, the verifier and the cache commit
-all work on node indices, so tree drafts (a later issue) use the same path as chains.
+all work on node indices; tree drafts come from :mod:`hsd.decode.tree_draft`.
 """
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ from .cpu import relayout_linears
 from .draft import Draft
 from .sampling import SamplingParams, process, sample
 from .target import KVState, TargetRunner
+from .tree_draft import build_tree
+from .tree_spec import TreeSpec
 
 
 @runtime_checkable
@@ -288,12 +290,10 @@ class Eagle3Drafter:
         self.cache = out.cache
         return out
 
-    @torch.no_grad()
-    def propose(self, k: int, params: SamplingParams, generator: torch.Generator | None = None) -> Draft:
+    def _feed_context(self):
+        """Feed what the head has not read yet (committed feature rows, or the rows an exit stage kept);
+        returns the last step's output (its last row predicts the first draft token)."""
         ctx = self.ctx
-        dev = ctx.device
-        if k <= 0:
-            return Draft.empty(1, dev)
         if self.pending is not None:
             p = self.pending.shape[1]
             out = self._step(ctx[:, self.n_feat + 1: self.n_feat + 1 + p], position=self.n_feat,
@@ -308,6 +308,15 @@ class Eagle3Drafter:
             self.chain_inputs = []
         else:
             raise RuntimeError("propose() twice without commit/extend: the drafter has nothing new to read")
+        return out
+
+    @torch.no_grad()
+    def propose(self, k: int, params: SamplingParams, generator: torch.Generator | None = None) -> Draft:
+        ctx = self.ctx
+        dev = ctx.device
+        if k <= 0:
+            return Draft.empty(1, dev)
+        out = self._feed_context()
         first_chain_len = self.cache.length
         h = out.hidden[:, -1:]
         logits = out.logits[:, -1]
@@ -326,3 +335,45 @@ class Eagle3Drafter:
         drafted = torch.stack(toks, 1)
         self._last = (drafted, hs, first_chain_len)
         return Draft.chain(drafted, torch.stack(qs, 1))
+
+    @torch.no_grad()
+    def propose_tree(self, spec: TreeSpec, params: SamplingParams,
+                     generator: torch.Generator | None = None) -> tuple[Draft, int]:
+        """An EAGLE-2-style dynamic tree (:func:`hsd.decode.tree_draft.build_tree`); returns (draft, head
+        steps). Each level is one head step over the expanded nodes: node rows attend to the committed rows
+        and their own ancestors' rows (tree mask); a node at depth d has RoPE position ``base + d - 1`` and
+        reads its parent's output hidden state, exactly as the chain's row would. The tree rows are dropped
+        at the next ``commit``, which feeds the accepted path from the target's features."""
+        out = self._feed_context()
+        self._last = None  # an exit stage cannot extend a tree
+        first = self.cache.length
+        ctx = self.ctx
+        base, dev = ctx.shape[1], ctx.device
+        h_root = out.hidden[:, -1:]
+        rows: dict[int, int] = {}  # node -> its row in the head cache
+        hidden: dict[int, Tensor] = {}  # node -> the head's output at that row [1, 1, H]
+
+        def expand(ids: list[int], nodes) -> Tensor:
+            past, m = self.cache.length, len(ids)
+            mask = torch.zeros(1, m, past + m, dtype=torch.bool, device=dev)
+            mask[:, :, :first] = True
+            for j, i in enumerate(ids):
+                a = nodes[i].parent
+                while a >= 0:
+                    mask[0, j, rows[a]] = True
+                    a = nodes[a].parent
+                mask[0, j, past + j] = True
+            toks = torch.tensor([[nodes[i].token for i in ids]], dtype=torch.long, device=dev)
+            pos = torch.tensor([[base + nodes[i].depth - 1 for i in ids]], dtype=torch.long, device=dev)
+            h = torch.cat([hidden[nodes[i].parent] if nodes[i].parent >= 0 else h_root for i in ids], dim=1)
+            step = self.head.forward_step(input_ids=toks, position_ids=pos, cache=self.cache, hidden=h,
+                                          attention_mask=mask)
+            self.cache = step.cache
+            for j, i in enumerate(ids):
+                rows[i] = past + j
+                hidden[i] = step.hidden[:, j:j + 1]
+            return head_logits_to_target(self.head, step.logits[0])
+
+        root = head_logits_to_target(self.head, out.logits[0, -1])
+        draft, steps = build_tree(root, expand, spec, params, generator)
+        return draft, steps + 1

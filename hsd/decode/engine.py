@@ -30,8 +30,8 @@ from .drafters import Drafter, NoDrafter
 from .exit_stage import ExitStage
 from .sampling import process, sample
 from .stats import DecodeStats, RoundRecord
-from .target import KVState, TargetRunner
-from .verifier import verify_chain
+from .target import KVState, TargetRunner, tree_positions
+from .verifier import verify_chain, verify_tree_draft
 
 
 @dataclass
@@ -156,7 +156,10 @@ class SpeculativeDecoder:
         eos = self.eos_ids(cfg)
         input_ids = input_ids.to(dev).long()
         s = input_ids.shape[1]
-        k_max = cfg.k + (cfg.exit_window if self.exit_stage is not None else 0)
+        spec = cfg.tree_spec
+        if spec is not None:
+            self._check_tree(cfg)
+        k_max = spec.total_tokens if spec is not None else cfg.k + (cfg.exit_window if self.exit_stage is not None else 0)
         state = runner.new_state(1, s + cfg.max_new_tokens + k_max + 4)
         feats = tuple(getattr(drafter, "feature_layers", ()))
         stats = DecodeStats(prompt_tokens=s)
@@ -180,7 +183,9 @@ class SpeculativeDecoder:
         stats.stopped = "eos" if new[0] in eos else ("length" if run.remaining <= 0 else "")
         while not stats.stopped:
             k = min(cfg.k, run.remaining - 1)
-            if self.exit_stage is not None and k > 0:
+            if spec is not None and run.remaining > 1:
+                res = self.tree_round(run, spec)
+            elif self.exit_stage is not None and k > 0:
                 res = self.exit_stage.round(run, k)
             else:
                 res = self.round(run, k)
@@ -222,6 +227,47 @@ class SpeculativeDecoder:
     def _draw(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None) -> Tensor:
         p = process(logits, cfg.sampling)
         return p.argmax(-1) if cfg.sampling.greedy else sample(p, generator)
+
+    def _check_tree(self, cfg: DecodeConfig) -> None:
+        if self.exit_stage is not None:
+            raise ValueError(f"tree {cfg.tree!r} with an exit stage: the exit stage verifies chains only; "
+                             "drop the exit head or draft a chain (tree=None)")
+        if not hasattr(self.drafter, "propose_tree"):
+            raise ValueError(f"tree {cfg.tree!r}: the {self.drafter.name!r} drafter drafts chains only; tree "
+                             "drafting needs an EAGLE-3 head (Eagle3Drafter)")
+
+    def tree_round(self, run: _Run, spec) -> RoundResult:
+        """draft a tree -> one target pass over [root, tree] (tree mask, positions = prefix + depth) ->
+        verify_tree -> keep the accepted path's KV entries in the cache, nothing else."""
+        cfg, state = run.config, run.state
+        with run.timer("draft"):
+            draft, steps = run.drafter.propose_tree(spec, cfg.sampling, run.generator)
+        run.stats.draft_steps += steps
+        n = draft.size
+        base = state.length()
+        x = torch.cat([run.ctx[:, -1:], draft.tokens], dim=1)
+        parents = torch.cat([draft.parents.new_full((1, 1), -1), draft.parents + 1], dim=1)  # root = row 0
+        with run.timer("target"):
+            t0 = run.clock()
+            out = run.runner.run(state, tokens=x, parents=parents, logit_rows=slice(None), capture=run.feature_layers)
+            run.stats.passes[x.shape[1]].append(run.clock() - t0)
+        with run.timer("verify"):
+            if n == 0:
+                a, y = verify_chain(draft.tokens, None, out.logits, cfg.sampling, cfg.verify_method, cfg.backend,
+                                    run.generator)
+                path = draft.tokens[0, :0]
+            else:
+                res = verify_tree_draft(draft.tokens, draft.parents, draft.q, out.logits, cfg.sampling,
+                                        cfg.tree_method, cfg.backend, run.generator)
+                path = res.path[0, : int(res.num_accepted[0])]
+                y = res.next_token
+        state.keep(base + 1, path)
+        rows = torch.cat([path.new_zeros(1), path + 1])
+        feats = features_of(out.captured, run.feature_layers, rows)
+        depth = int(tree_positions(draft.parents).max()) + 1 if n else 0  # longest drafted path
+        return RoundResult(tokens=draft.tokens[:, path], num_accepted=int(path.numel()), next_token=y,
+                           features=feats, record=RoundRecord(drafted=depth, accepted=int(path.numel()), emitted=0,
+                                                              nodes=n))
 
     def round(self, run: _Run, k: int) -> RoundResult:
         """draft -> one target pass over [root, draft] -> verify -> crop the target cache."""

@@ -22,6 +22,7 @@ from .engine import SpeculativeDecoder
 from .exit_stage import ExitStage
 from .prompts import Prompt, render
 from .stats import DecodeStats, summarize
+from .tree_spec import TreeSpec
 
 ENGINE_DRAFTERS = ("none", "eagle3", "model", "lookup")
 HF_KINDS = ("hf_generate", "hf_lookup", "hf_assisted")
@@ -43,11 +44,12 @@ class RunSpec:
     exit_window: int = 1
     top_k: int = 0
     top_p: float = 1.0
+    tree: str | None = None  # "TOPK:DEPTH:TOTAL": a draft tree (k = its depth); None = a chain of k
 
     def decode_config(self, max_new_tokens: int) -> DecodeConfig:
         return DecodeConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, k=self.k,
                             method=self.method, backend=self.backend, exit_window=self.exit_window,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, tree=self.tree)
 
 
 def _t(temp: float) -> str:
@@ -57,10 +59,14 @@ def _t(temp: float) -> str:
 def build_grid(temperatures: list[float], ks: list[int], methods: list[str], backends: list[str], *,
                head: bool, exit_layers: list[int], draft_model: bool, lookup: bool = True,
                hf: bool = True, exit_window: int = 1, top_k: int = 0, top_p: float = 1.0,
-               baseline_ks: list[int] | None = None, model_drafter: bool = True) -> list[RunSpec]:
+               baseline_ks: list[int] | None = None, model_drafter: bool = True,
+               trees: list[str] = (), chains: bool = True) -> list[RunSpec]:
     """The default grid: per temperature, HF generate, this engine without a drafter, then per K the HF
     prompt-lookup / assisted baselines and every EAGLE-3 method x backend, with and without each exit
-    layer. At T = 0 all verifiers see one-hot rows and agree (tested), so only "greedy" runs there."""
+    layer, then every draft tree ("TOPK:DEPTH:TOTAL") x method x backend (trees have no exit stage; at
+    T > 0 "tokenwise" verifies a tree by recursive rejection sampling, "blockwise"/"hsd" by the weighted
+    tree verifier). ``chains=False``: no engine chains (the baselines of ``baseline_ks`` still run). At T = 0
+    all verifiers see one-hot rows and agree (tested), so only "greedy" runs there."""
     specs: list[RunSpec] = []
     kw = dict(top_k=top_k, top_p=top_p)
     for temp in temperatures:
@@ -74,7 +80,7 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                 specs.append(RunSpec(f"{tn}/hf_lookup-k{k}", "hf_lookup", temp, k=k, **kw))
                 if draft_model:
                     specs.append(RunSpec(f"{tn}/hf_assisted-k{k}", "hf_assisted", temp, k=k, **kw))
-            if k not in ks:
+            if k not in ks or not chains:
                 continue
             if lookup:
                 specs.append(RunSpec(f"{tn}/lookup-k{k}-{meths[0]}", "engine", temp, "lookup", k, meths[0], **kw))
@@ -88,6 +94,19 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                         for layer in exit_layers:
                             specs.append(RunSpec(f"{tn}/eagle3-k{k}-{m}{sfx}+exit{layer}", "engine", temp, "eagle3",
                                                  k, m, b, layer, exit_window, **kw))
+        if head:
+            for tree in trees:
+                spec = TreeSpec.parse(tree)
+                seen = set()
+                for m in meths:
+                    tm = DecodeConfig(temperature=temp, method=m, tree=tree).tree_method
+                    for b in backends:
+                        sfx = f"-{b}" if b != "torch" else ""
+                        if (tm, b) in seen:
+                            continue
+                        seen.add((tm, b))
+                        specs.append(RunSpec(f"{tn}/eagle3-{spec.name}-{tm}{sfx}", "engine", temp, "eagle3",
+                                             spec.depth, m, b, tree=tree, **kw))
     return sorted(specs, key=lambda sp: priority(sp, min(ks) if ks else 0))
 
 
@@ -97,6 +116,8 @@ def priority(spec: RunSpec, k_first: int) -> int:
     the first K, 2 other engine drafters at the first K, 3 HF prompt lookup / assisted, 4 the rest."""
     if spec.kind == "hf_generate" or (spec.kind == "engine" and spec.drafter == "none"):
         return 0
+    if spec.tree is not None:
+        return 1
     if spec.kind == "engine" and spec.k == k_first:
         return 1 if spec.drafter == "eagle3" else 2
     return 3 if spec.kind in HF_KINDS else 4
@@ -254,13 +275,13 @@ def report_run(spec: RunSpec, results: list[PromptResult], *, reference: list[Pr
         "method": (spec.decode_config(1).verify_method if spec.kind == "engine" else "target-only (lossless)"),
         "backend": spec.backend, "exit_layer": spec.exit_layer,
         "exit_window": spec.exit_window if spec.exit_layer is not None else None,
-        "draft_shape": "chain", **summ,
+        "draft_shape": spec.tree or "chain", "tree": spec.tree, **summ,
         "per_position_acceptance": summ["reach_rate"], "per_position_acceptance_conditional": summ["cond_rate"],
         "per_source": per_group, "settings": settings or {},
     }
     if spec.kind == "engine" and t1_ms:
         passes = summ["target_pass_ms"]
-        full = spec.k + 1
+        full = spec.k + 1 if spec.tree is None else TreeSpec.parse(spec.tree).total_tokens + 1
         entry["t1_ms"] = t1_ms
         entry["verify_cost_ratio"] = passes[full] / t1_ms if full in passes and spec.exit_layer is None else None
         entry["draft_cost_ratio"] = summ["draft_step_ms"] / t1_ms if summ["draft_step_ms"] else None

@@ -33,6 +33,7 @@ class RoundRecord:
     accepted: int
     emitted: int
     stage1: list[tuple[int, int]] = field(default_factory=list)
+    nodes: int = 0
 
 
 @dataclass

@@ -13,9 +13,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """top_k: children expanded per frontier node per step (>= 1); depth: drafting steps, i.e. the longest
-    root-to-leaf path (>= 1); total_tokens: nodes kept after pruning by cumulative draft log-probability,
-    parents before children (depth <= total_tokens <= top_k + top_k**2 + ... + top_k**depth)."""
+    """top_k: children drawn per expanded node, and nodes expanded per level (>= 1); depth: drafting steps,
+    i.e. the longest root-to-leaf path (>= 1); total_tokens: nodes kept after pruning, parents before
+    children. EAGLE-2 expansion makes ``top_k + (depth - 1) * top_k**2`` candidates (the root's top_k
+    children, then top_k children for each of the top_k best nodes of the last level), so
+    ``depth <= total_tokens <= candidates``."""
 
     top_k: int
     depth: int
@@ -26,11 +28,16 @@ class TreeSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"tree {name}: must be an integer >= 1, got {v!r}")
-        most = sum(self.top_k ** d for d in range(1, self.depth + 1))
+        most = self.candidates
         if not self.depth <= self.total_tokens <= most:
-            raise ValueError(f"tree total_tokens: must lie in [depth, top_k + ... + top_k**depth] = "
+            raise ValueError(f"tree total_tokens: must lie in [depth, top_k + (depth - 1) * top_k**2] = "
                              f"[{self.depth}, {most}] for top_k={self.top_k}, depth={self.depth}; "
                              f"got {self.total_tokens}")
+
+    @property
+    def candidates(self) -> int:
+        """Nodes drafted before pruning (EAGLE-2 expansion)."""
+        return self.top_k + (self.depth - 1) * self.top_k ** 2
 
     @classmethod
     def parse(cls, text: str) -> TreeSpec:

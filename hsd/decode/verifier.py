@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from hsd.verify import greedy_verify
+from hsd.verify import TreeVerifyResult, greedy_verify, verify_tree
 from hsd.verify.serving import ServeResult, VerifyPlan
 
 from .sampling import SamplingParams, process, sample
@@ -75,3 +75,21 @@ def verify(tokens: Tensor, proposal: Tensor | None, p: Tensor, *, method: str, b
                temperature=torch.ones(b, device=dev), seeds=seeds, steps=torch.zeros(b, dtype=torch.int64, device=dev))
     # The plan's outputs are views of its buffers (overwritten by the next call): copy what we keep.
     return ServeResult(*(t.clone() for t in (res.num_accepted, res.next_token, res.tokens, res.flags)))
+
+
+def verify_tree_draft(tokens: Tensor, parents: Tensor, proposal: Tensor | None, target_logits: Tensor,
+                      params: SamplingParams, method: str, backend: str = "torch",
+                      generator: torch.Generator | None = None) -> TreeVerifyResult:
+    """Verify one draft tree per row (``hsd.verify.verify_tree``).
+
+    tokens, parents [B, N] (-1 = child of the root); proposal [B, N, V] (the rows each node was drawn from)
+    or None (point masses); target_logits [B, N+1, V] (row 0 after the root, row i+1 after node i).
+    method: "greedy", "rrs" or "weighted". Returns ``verify_tree``'s result: path [B, D] (accepted node
+    indices, -1 padded), num_accepted [B], next_token [B].
+    """
+    if method == "greedy" or params.greedy:
+        res = verify_tree(tokens, parents, None, target_logits, method="greedy", backend=backend)
+    else:
+        p = process(target_logits, params)
+        res = verify_tree(tokens, parents, proposal, p, method=method, backend=backend, generator=generator)
+    return res
