@@ -69,7 +69,7 @@ def test_tree_greedy_equals_generate(family):
         dec = SpeculativeDecoder(t, fx.drafter("eagle3", t, scale=0.05))
         seen = []
         cfg = DecodeConfig(tree=tree, max_new_tokens=N, eos_token_id=[])
-        res = dec.generate(ids, config=cfg, callback=lambda run: seen.append(run.stats.rounds[-1]))
+        res = dec.generate(ids, config=cfg, callback=lambda run, seen=seen: seen.append(run.stats.rounds[-1]))
         assert torch.equal(res.new_tokens, ref), (tree, res.new_tokens, ref)
         assert all(r.nodes <= TreeSpec.parse(tree).total_tokens for r in seen)
         deep = max([deep] + [r.accepted for r in seen])
