@@ -11,6 +11,8 @@ Three-level (draft -> exit head -> target), per window, i.i.d. acceptance: stage
 (acceptance ``beta`` per position toward p_l, cost ``K * c_draft + c_stage1``) until the window holds
 ``>= N`` tokens, then one final pass (cost ``c_final``) that accepts each window position with the
 exit head's agreement ``a``: the renewal-reward ratio of the research note (exact under i.i.d.).
+Trees (measured shapes only: a tree's acceptance does not extrapolate to other shapes), per round:
+``time = c_draft_round + c_pass(N + 1) + c_verify_round + c_other``, ``tokens = 1 + sum_depth reach_d``.
 """
 from __future__ import annotations
 
@@ -87,7 +89,16 @@ def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             reach = [r or 0.0 for r in e["reach_rate"]]
             c_d = e.get("draft_step_ms") or 0.0
-            if e["exit_layer"] is None:
+            if e.get("tree"):
+                rounds = max(1, e.get("rounds") or 1)
+                tb = e.get("time_breakdown_s") or {}
+                per_round = 1e3 * (tb.get("draft", 0.0) + tb.get("target", 0.0) + tb.get("verify", 0.0)) / rounds
+                pred = (per_round + other) / (1 + sum(reach))
+                out["predicted_vs_measured"].append({"name": e["name"], "predicted_tpot_ms": pred,
+                                                     "measured_tpot_ms": _decode_ms_per_token(e)})
+                cands.append({"name": f"{e['drafter']} tree {e['tree']} ({e['method']})", "k": k, "tree": e["tree"],
+                              "exit_layer": None, "drafter": e["drafter"], "predicted_tpot_ms": pred})
+            elif e["exit_layer"] is None:
                 pred = (k * c_d + (_interp(passes, k + 1) or t1) + other) / (1 + sum(reach[:k]))
                 out["predicted_vs_measured"].append({"name": e["name"], "predicted_tpot_ms": pred,
                                                      "measured_tpot_ms": _decode_ms_per_token(e)})

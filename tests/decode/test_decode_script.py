@@ -39,12 +39,13 @@ def test_script_end_to_end(tmp_path):
     rc = main(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--exit-head",
                str(tmp_path / "exits"), "--exit-layer", "2", "--draft-model", "layers:2", "--prompts", str(prompts),
                "--max-new-tokens", "6", "--k", "2", "--temperature", "0", "1", "--method", "tokenwise", "hsd",
-               "--out-dir", str(out)])
+               "--tree", "2:2:4", "--out-dir", str(out)])
     assert rc == 0
     rep = json.loads((out / "decode.json").read_text())
     names = [e["name"] for e in rep["runs"]]
     for need in ("T0/hf_generate", "T0/ar", "T0/hf_lookup-k2", "T0/hf_assisted-k2", "T0/eagle3-k2-greedy",
-                 "T0/eagle3-k2-greedy+exit2", "T1/eagle3-k2-hsd", "T1/eagle3-k2-tokenwise+exit2", "T1/model-k2-tokenwise"):
+                 "T0/eagle3-k2-greedy+exit2", "T1/eagle3-k2-hsd", "T1/eagle3-k2-tokenwise+exit2", "T1/model-k2-tokenwise",
+                 "T0/eagle3-tree2x2n4-greedy", "T1/eagle3-tree2x2n4-rrs", "T1/eagle3-tree2x2n4-weighted"):
         assert need in names
     for e in rep["runs"]:
         assert all(k in e for k in KEYS), e["name"]
@@ -55,9 +56,18 @@ def test_script_end_to_end(tmp_path):
             assert len(e["per_position_acceptance"]) == 2 and e["verify_cost_ratio"] or e["exit_layer"]
     assert set(rep["exit_agreement"]) == {"2", "5"}
     assert rep["planner"]["best"]["T0"]["predicted_tokens_per_s"] > 0
+    planned = {r["name"] for r in rep["planner"]["predicted_vs_measured"]}
+    assert {"T0/eagle3-tree2x2n4-greedy", "T1/eagle3-tree2x2n4-weighted"} <= planned
+    trees = [e for e in rep["runs"] if e["tree"]]
+    assert len(trees) == 3 and all(e["draft_shape"] == "2:2:4" and e["verify_cost_ratio"] for e in trees)
     assert len(list((out / "answers").glob("*.jsonl"))) == len(names)
     assert all((out / f).is_file() for f in ("per_position_acceptance.png", "accept_hist.png", "speed.png",
                                               "tau_vs_k.png"))
+
+
+def test_bad_tree_is_refused(capsys):
+    assert main(["--tree", "4:4", "--no-hf"]) == 2
+    assert "TOPK:DEPTH:TOTAL" in capsys.readouterr().err
 
 
 def test_select_prompts_spreads_over_sources():
