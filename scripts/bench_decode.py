@@ -9,6 +9,9 @@ prints, medians of interleaved repetitions:
 * the engine's verifier (``hsd.decode.verifier.verify``: the serving ``VerifyPlan``) per method and backend
   for K = 3 and 5 over the full vocabulary, and its share of one
   speculative round (draft K steps + one K+1 pass + verify; the goal on a GPU is < 1 %);
+* draft trees of N = 4..32 nodes (a binary tree shape): the target pass over root + N nodes with the tree
+  mask as a ratio to the 1-token step, and the engine's tree verifier (``verify_tree_draft``: greedy, rrs,
+  weighted) in ms and in ms per tree node;
 * plain decoding: this engine without a drafter vs Hugging Face ``generate`` (time per token).
 
     python scripts/bench_decode.py --target smollm2-135m                # the real model, here
@@ -90,8 +93,11 @@ def make_head(target, dev, dtype, path: str | None):
 def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
     """Pass costs, draft step and verify share with one weight layout."""
     from hsd.decode import DecodeConfig, Eagle3Drafter, SpeculativeDecoder
-    from hsd.decode.sampling import process_logits
-    from hsd.decode.verifier import verify  # the engine's serving path (a cached VerifyPlan)
+    from hsd.decode.sampling import SamplingParams, process_logits
+    from hsd.decode.verifier import (
+        verify,  # the engine's serving path (a cached VerifyPlan)
+        verify_tree_draft,
+    )
 
     dec = SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=cpu_kernels), cpu_kernels=cpu_kernels)
     runner = dec.runner
@@ -142,6 +148,26 @@ def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
                 fns[("verify", k, method, backend)] = (
                     lambda tok=tok, q=q, p=p, m=method, b=backend: verify(tok, q, p, method=m, backend=b,
                                                                          generator=g))
+    # draft trees: binary shape (node i hangs below (i - 2) // 2), the pass with the tree mask and verify_tree
+    for n in args.trees:
+        par = torch.tensor([[(i - 2) // 2 if i >= 2 else -1 for i in range(n)]], device=dev)
+        x_par = torch.cat([par.new_full((1, 1), -1), par + 1], dim=1)
+        tok = torch.randint(0, v, (1, n), generator=g).to(dev)
+        q = torch.softmax(torch.randn(1, n, v, generator=g), -1).to(dev)
+        logits = torch.randn(1, n + 1, v, generator=g).to(dev)
+
+        def tree_pass(n=n, x_par=x_par):
+            runner.run(state, tokens=ids[:, ctx:ctx + n + 1], parents=x_par, logit_rows=slice(None),
+                       capture=dec.drafter.feature_layers)
+            state.crop(ctx)
+
+        fns[("tree_pass", n)] = tree_pass
+        for method in ("greedy", "rrs", "weighted"):
+            temp = 0.0 if method == "greedy" else 1.0
+            for backend in args.backends:
+                fns[("tree_verify", n, method, backend)] = (
+                    lambda tok=tok, par=par, q=q, lg=logits, m=method, b=backend, t=temp:
+                    verify_tree_draft(tok, par, q, lg, SamplingParams(t), m, b, g))
     t = interleaved(fns, args.reps, dev)
     t1 = t[("pass", 1)]
     out = {"t1_ms": 1e3 * t1, "pass_ms": {n: 1e3 * t[("pass", n)] for n in ns},
@@ -153,6 +179,9 @@ def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
             _, k, method, backend = key
             rnd = k * t[("draft", 1)] + t[("pass", k + 1)] + sec
             out["verify"][f"k{k}/{method}/{backend}"] = {"ms": 1e3 * sec, "share_of_round": sec / rnd}
+    out["tree_pass_ratio"] = {n: t[("tree_pass", n)] / t1 for n in args.trees}
+    out["tree_verify"] = {f"n{key[1]}/{key[2]}/{key[3]}": {"ms": 1e3 * sec, "ms_per_node": 1e3 * sec / key[1]}
+                          for key, sec in t.items() if key[0] == "tree_verify"}
     return out
 
 
@@ -222,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--plain-tokens", type=int, default=32)
+    ap.add_argument("--trees", type=int, nargs="+", default=[4, 8, 16, 32], help="tree sizes N (nodes)")
     ap.add_argument("--methods", nargs="+", default=["tokenwise", "blockwise", "hsd"])
     ap.add_argument("--backends", nargs="+", default=None, help="default: torch (+ triton on a GPU)")
     ap.add_argument("--threads", type=int, default=0)
@@ -260,6 +290,10 @@ def main(argv=None) -> int:
         print("   LM head ms: " + "  ".join(f"rows={n}: {x:.2f}" for n, x in r["lm_head_ms"].items()))
         for key, v in r["verify"].items():
             print(f"   verify {key}: {v['ms']:.3f} ms = {100 * v['share_of_round']:.2f} % of a round")
+        print("   tree pass over root + N nodes / 1-token step: "
+              + "  ".join(f"N={n}: {x:.2f}" for n, x in r["tree_pass_ratio"].items()))
+        for key, v in r["tree_verify"].items():
+            print(f"   tree verify {key}: {v['ms']:.3f} ms, {1e3 * v['ms_per_node']:.1f} us per node")
     report["configs"] = bench_configs(model, head, dev, args)
     print("\n== decoding, per configuration (time per output token after the first; verify share of decode time):")
     for name, r in report["configs"].items():
