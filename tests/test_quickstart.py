@@ -25,7 +25,7 @@ def _tiny_config(root) -> str:
     cfg = {"eagle3_overrides": [*common, "draft_vocab_size=48", "ttt_steps=2", "max_steps=3", "batch_size=4",
                                 "eval_every=0", "save_every=0", "cache_target=false"],
            "early_exit_overrides": [*common, "exit_layers=[2]", "max_steps=2", "eval_every=0", "save_every=0"],
-           "prompts": [str(prompts)], "num_prompts": 2, "max_new_tokens": 6, "k": [2]}
+           "prompts": [str(prompts)], "num_prompts": 2, "max_new_tokens": 6, "k": [2], "trees": ["2:2:3"]}
     path = root / "quickstart.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -42,7 +42,8 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
     runs = json.loads((out / "decode" / "decode.json").read_text())["runs"]
     names = {e["name"] for e in runs}
     for need in ("T0/hf_generate", "T0/ar", "T0/lookup-k2-greedy", "T0/eagle3-k2-greedy", "T0/eagle3-k2-greedy+exit2",
-                 "T1/eagle3-k2-tokenwise", "T1/eagle3-k2-hsd", "T1/eagle3-k2-hsd+exit2", "T1/hf_lookup-k2"):
+                 "T1/eagle3-k2-tokenwise", "T1/eagle3-k2-hsd", "T1/eagle3-k2-hsd+exit2", "T1/hf_lookup-k2",
+                 "T0/eagle3-tree2x2n3-greedy", "T1/eagle3-tree2x2n3-rrs", "T1/eagle3-tree2x2n3-weighted"):
         assert need in names
     rows = [ln for ln in report.splitlines() if ln.startswith("| `")]
     assert sorted(re.match(r"\| `([^`]+)`", r).group(1) for r in rows) == sorted(names)

@@ -16,7 +16,7 @@ Running it again reuses what is finished: a training stage whose ``final/`` was 
 config is not retrained (an interrupted one resumes from its last checkpoint), the export is kept when the
 head did not change, and the decode run continues with ``--resume`` (finished configurations are loaded).
 Sizes live in ``configs/quickstart/*.yaml`` (typed and validated like every run config; unknown keys are
-refused). ``decode_extra_args`` goes to the decode command unchanged: the hook for tree configurations.
+refused). ``trees`` adds draft-tree configurations; ``decode_extra_args`` goes to the decode command unchanged.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ class QuickstartConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
     k: list[int] = field(default_factory=lambda: [3])
     methods: list[str] = field(default_factory=lambda: ["tokenwise", "hsd"])
+    trees: list[str] = field(default_factory=list)  # draft trees "TOPK:DEPTH:TOTAL" decoded next to the chains
     decode_extra_args: list[str] = field(default_factory=list)
     threads: int = 1
     eagle3_seconds_per_step: float = 4.2
@@ -81,6 +82,13 @@ class QuickstartConfig:
         bad = [m for m in self.methods if m not in ("tokenwise", "blockwise", "hsd")]
         if bad or not self.methods:
             raise ValueError(f"methods must list verifiers among tokenwise, blockwise, hsd, got {self.methods}")
+        from hsd.decode.tree_spec import TreeSpec
+
+        for tree in self.trees:
+            try:
+                TreeSpec.parse(tree)
+            except ValueError as err:
+                raise ValueError(f"trees: {err}") from None
         if self.setup_seconds < 0:
             raise ValueError(f"setup_seconds must be >= 0, got {self.setup_seconds}")
         for name in ("eagle3_seconds_per_step", "early_exit_seconds_per_step", "decode_tokens_per_s"):
@@ -154,11 +162,13 @@ def planned_steps(cfg: Any) -> int:
 
 
 def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
-    """Configurations the decode grid holds (as ``hsd.decode.evaluate.build_grid`` builds it, chains only)."""
+    """Configurations the decode grid holds (as ``hsd.decode.evaluate.build_grid`` builds it)."""
     n = 0
     for t in qc.temperatures:
         meths = 1 if t == 0 else len(qc.methods)
         n += 2 + len(qc.k) * (2 + meths * (1 + exit_layers))  # generate, ar; per K lookup x2, head (+exit)
+        tree_meths = 1 if t == 0 else len({m == "tokenwise" for m in qc.methods})  # rrs / weighted
+        n += len(qc.trees) * tree_meths
     return n
 
 
@@ -199,11 +209,13 @@ def export_stage(head: Path, out: Path, dtype: str, target: str, reuse: bool) ->
 
 
 def decode_argv(qc: QuickstartConfig, target: str, head: Path, exit_head: Path, out: Path) -> list[str]:
-    """Arguments of ``hsd-train decode`` for the main job's grid (+ ``decode_extra_args``, the tree hook)."""
+    """Arguments of ``hsd-train decode`` for the main job's grid (+ ``decode_extra_args``)."""
     argv = ["--target", target, "--head", str(head), "--exit-head", str(exit_head), "--prompts", *qc.prompts,
             "--num-prompts", str(qc.num_prompts), "--max-new-tokens", str(qc.max_new_tokens),
             "--temperature", *map(str, qc.temperatures), "--k", *map(str, qc.k), "--method", *qc.methods,
             "--out-dir", str(out)]
+    if qc.trees:
+        argv += ["--tree", *qc.trees]
     if qc.threads:
         argv += ["--threads", str(qc.threads)]
     return argv + list(qc.decode_extra_args)
