@@ -1,8 +1,11 @@
-"""EAGLE-2-style dynamic draft trees, built level by level from a drafter that scores nodes in batches.
+"""EAGLE-2-style dynamic draft trees (and static shapes), built level by level from a drafter that scores
+nodes in batches.
 
     level 0: top_k children of the root
     level d: expand the top_k best nodes of level d - 1 (one batched drafter step), top_k children each
     prune:   keep the best ``total_tokens`` nodes (ancestor-closed, creation order = topological order)
+
+A static shape (``static:B1xB2x...``) expands every node of a level and prunes nothing, so it never ranks.
 
 T = 0 (deterministic, EAGLE-2 exactly): children are the top_k tokens of the draft's softmax, a node's
 score is its cumulative draft log-probability, and the tree is verified as point masses (greedy).
@@ -55,18 +58,18 @@ def draw_without_replacement(q: Tensor, k: int, generator: torch.Generator | Non
     return torch.where(top.values > 0, top.indices, -1)
 
 
-def _children(logits: Tensor, parents: list[int], nodes: list[TreeNode], spec: TreeSpec, params: SamplingParams,
+def _children(logits: Tensor, parents: list[int], nodes: list[TreeNode], k: int, params: SamplingParams,
               generator: torch.Generator | None) -> list[int]:
-    """Append up to top_k children for each node of ``parents`` (-1 = the root), drawn from the drafter's
+    """Append up to k children for each node of ``parents`` (-1 = the root), drawn from the drafter's
     target-vocabulary logits [M, V] after them (one row per parent); returns the new nodes' indices."""
     made: list[int] = []
     if params.greedy:
         logp = torch.log_softmax(logits.float(), -1)
-        top = torch.topk(logp, min(spec.top_k, logp.shape[-1]), dim=-1)
+        top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
         vals, toks = top.values.tolist(), top.indices.tolist()
     else:
         q = process(logits, params)
-        toks = draw_without_replacement(q, spec.top_k, generator)
+        toks = draw_without_replacement(q, k, generator)
         qt = q.gather(1, toks.clamp(min=0)).double().tolist()
         sq = (q.double() ** 2).sum(-1).tolist()
         toks = toks.tolist()
@@ -106,23 +109,27 @@ def build_tree(root_logits: Tensor, expand: Callable[[list[int], list[TreeNode]]
     rows the nodes were drawn from: the parent's row without the earlier siblings, renormalised) or None at
     T = 0, N <= total_tokens; the number of drafter steps taken).
     """
+    static = spec.branching
     nodes: list[TreeNode] = []
-    level = _children(root_logits[None], [-1], nodes, spec, params, generator)
+    level = _children(root_logits[None], [-1], nodes, static[0] if static else spec.top_k, params, generator)
     steps = 0
-    for _ in range(1, spec.depth):
+    for d in range(1, spec.depth):
         if not level:
             break
-        best = sorted(level, key=lambda i: (-nodes[i].value, i))[: spec.top_k]
-        best.sort()
+        if static:  # a fixed shape: every node of the level gets static[d] children
+            best = level
+        else:
+            best = sorted(level, key=lambda i: (-nodes[i].value, i))[: spec.top_k]
+            best.sort()
         logits = expand(best, nodes)
         steps += 1
-        level = _children(logits, best, nodes, spec, params, generator)
+        level = _children(logits, best, nodes, static[d] if static else spec.top_k, params, generator)
     dev = root_logits.device
     if not nodes:
         return Draft.empty(1, dev), steps
     parents = torch.tensor([n.parent for n in nodes], dtype=torch.long)
     values = torch.tensor([n.value for n in nodes], dtype=torch.float64)
-    keep, new_parents = prune_tree(parents, values, min(spec.total_tokens, len(nodes)))
+    keep, new_parents = prune_tree(parents, values, min(spec.total_tokens, len(nodes)))  # static: keeps all
     kept = [nodes[i] for i in keep.tolist()]
     tokens = torch.tensor([[n.token for n in kept]], dtype=torch.long, device=dev)
     new_parents = new_parents.to(dev)[None]

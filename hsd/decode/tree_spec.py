@@ -1,7 +1,9 @@
-"""TreeSpec: the shape budget of one EAGLE-2-style dynamic draft tree (top-k, depth, total nodes).
+"""TreeSpec: the shape budget of one draft tree.
 
-Parsed from the CLI form ``TOPK:DEPTH:TOTAL`` (e.g. ``4:5:16``) and named ``tree{TOPK}x{DEPTH}n{TOTAL}`` in
-run names. Only the shape lives here; drafting and verification use it.
+Dynamic (EAGLE-2): ``TOPK:DEPTH:TOTAL`` (e.g. ``4:5:16``), named ``tree{TOPK}x{DEPTH}n{TOTAL}`` in run names.
+Static: ``static:B1xB2x...`` (e.g. ``static:3x2x1``): every node at depth d gets B_{d+1} children (the top
+B tokens at T = 0, B draws without replacement at T > 0), nothing is ranked or pruned; named
+``static3x2x1``. Only the shape lives here; drafting (:mod:`hsd.decode.tree_draft`) and verification use it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,22 @@ class TreeSpec:
     top_k: int
     depth: int
     total_tokens: int
+    branching: tuple[int, ...] | None = None  # static trees: children per node at each depth
+
+    @classmethod
+    def static(cls, branching: tuple[int, ...]) -> TreeSpec:
+        b = tuple(branching)
+        if not b or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in b):
+            raise ValueError(f"static tree: branching factors must be integers >= 1, got {list(b)}")
+        total, width = 0, 1
+        for x in b:
+            width *= x
+            total += width
+        return cls(max(b), len(b), total, b)
 
     def __post_init__(self) -> None:
+        if self.branching is not None:
+            return
         for name in ("top_k", "depth", "total_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -36,24 +52,37 @@ class TreeSpec:
 
     @property
     def candidates(self) -> int:
-        """Nodes drafted before pruning (EAGLE-2 expansion)."""
+        """Nodes drafted before pruning (EAGLE-2 expansion; a static tree: all of them)."""
+        if self.branching is not None:
+            return self.total_tokens
         return self.top_k + (self.depth - 1) * self.top_k ** 2
 
     @classmethod
     def parse(cls, text: str) -> TreeSpec:
-        """``"TOPK:DEPTH:TOTAL"`` -> TreeSpec; anything else is a ValueError quoting the text."""
+        """``"TOPK:DEPTH:TOTAL"`` or ``"static:B1xB2x..."`` -> TreeSpec; anything else is a ValueError quoting
+        the text."""
+        if str(text).startswith("static:"):
+            try:
+                b = tuple(int(x) for x in str(text)[len("static:"):].split("x"))
+            except ValueError:
+                raise ValueError(f"tree: expected static:B1xB2x... with integers (e.g. static:3x2x1), "
+                                 f"got {text!r}") from None
+            return cls.static(b)
         parts = str(text).split(":")
         try:
             if len(parts) != 3:
                 raise ValueError
             top_k, depth, total = (int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"tree: expected TOPK:DEPTH:TOTAL with integers (e.g. 4:5:16), got {text!r}") from None
+            raise ValueError(f"tree: expected TOPK:DEPTH:TOTAL with integers (e.g. 4:5:16) or static:B1xB2x..., "
+                             f"got {text!r}") from None
         return cls(top_k, depth, total)
 
     @property
     def name(self) -> str:
-        """Run-name fragment, e.g. ``tree4x5n16``."""
+        """Run-name fragment, e.g. ``tree4x5n16`` or ``static3x2x1``."""
+        if self.branching is not None:
+            return "static" + "x".join(map(str, self.branching))
         return f"tree{self.top_k}x{self.depth}n{self.total_tokens}"
 
 

@@ -65,7 +65,7 @@ def test_tree_greedy_equals_generate(family):
     ids = fx.prompt(16)
     ref = fx.hf_greedy(t, ids, N)
     deep = 0
-    for tree in ("1:3:3", "3:3:8", "4:4:16"):
+    for tree in ("1:3:3", "3:3:8", "4:4:16", "static:3x2x1"):
         dec = SpeculativeDecoder(t, fx.drafter("eagle3", t, scale=0.05))
         seen = []
         cfg = DecodeConfig(tree=tree, max_new_tokens=N, eos_token_id=[])
@@ -134,6 +134,14 @@ def test_head_tree_rows_equal_chain_rows(family):
     spec = TreeSpec(3, 3, 21)  # every candidate kept: 3 + 2 * 9
     draft, steps = d.propose_tree(spec, SamplingParams(0.0))
     assert steps == 3 and draft.size == 21 and draft.q is None
+    _check_children_are_top_k(head, ctx, feats, draft, expanded=1 + 3 + 3)  # root, level 0, 3 best of level 1
+    d.commit(ctx, feats, 0)
+    draft, steps = d.propose_tree(TreeSpec.parse("static:2x2x2"), SamplingParams(0.0))
+    assert steps == 3 and draft.size == 2 + 4 + 8
+    _check_children_are_top_k(head, ctx, feats, draft, expanded=1 + 2 + 4)
+
+
+def _check_children_are_top_k(head, ctx, feats, draft, expanded: int):
     toks, par = draft.tokens[0].tolist(), draft.parents[0].tolist()
 
     def path(i):
@@ -152,7 +160,7 @@ def test_head_tree_rows_equal_chain_rows(family):
         top = torch.topk(torch.log_softmax(logits, -1), len(kids)).indices.tolist()
         assert kids == top, (node, kids, top)
         checked += 1
-    assert checked == 1 + 3 + 3  # root, 3 nodes of level 0, the 3 best of level 1
+    assert checked == expanded
 
 
 def test_tree_sampled_triton_equals_torch():

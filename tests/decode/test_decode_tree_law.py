@@ -111,6 +111,7 @@ CASES = [  # tree, method (tokenwise -> rrs, hsd -> weighted), processing top-k
     ("2:1:1", "hsd", 3),
     ("2:2:4", "tokenwise", 2),  # two levels, 6 candidates pruned to 4
     ("2:2:4", "hsd", 2),
+    ("static:2x1", "tokenwise", 3),  # a fixed shape
     ("2:2:3", "hsd", 3),  # pruning inside a partly covered two-level tree (the slow case, ~50 s)
 ]
 

@@ -9,6 +9,8 @@ def test_parse_and_name():
     assert (spec.top_k, spec.depth, spec.total_tokens) == (4, 5, 16)
     assert spec.name == "tree4x5n16"
     assert TreeSpec.parse("1:3:3").name == "tree1x3n3"  # a chain is the top_k = 1 tree
+    static = TreeSpec.parse("static:3x2x1")
+    assert (static.name, static.depth, static.total_tokens, static.candidates) == ("static3x2x1", 3, 15, 15)
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -16,6 +18,7 @@ def test_parse_and_name():
     ("0:5:16", "top_k"), ("4:0:16", "depth"), ("4:5:-1", "total_tokens"),
     ("4:5:4", "total_tokens"),      # fewer nodes than the depth
     ("2:2:7", "total_tokens"),      # more than 2 + 4 nodes exist
+    ("static:3x0", "branching"), ("static:3,2", "static:B1xB2"),
 ])
 def test_bad_spec_names_the_problem(text, needle):
     with pytest.raises(ValueError, match=needle):
