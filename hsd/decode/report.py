@@ -98,7 +98,8 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     names = [e["name"] for e in entries]
     vals = [e.get("tokens_per_s_macro") or 0 for e in entries]
     colors = ["tab:gray" if e["kind"] != "engine" else ("tab:blue" if not e.get("k") else
-              ("tab:orange" if e.get("exit_layer") is None else "tab:red")) for e in entries]
+              ("tab:green" if e.get("tree") else "tab:orange" if e.get("exit_layer") is None else "tab:red"))
+              for e in entries]
     ax.bar(range(len(vals)), vals, color=colors)
     for temp in sorted({e["temperature"] for e in entries}):
         gen = next((e for e in entries if e["kind"] == "hf_generate" and e["temperature"] == temp), None)
@@ -107,25 +108,32 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     ax.set_xticks(range(len(vals)))
     ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("tokens/s (incl. prefill, mean of prompts)")
-    ax.set_title("speed (gray: Hugging Face, blue: ours AR, orange: ours speculative, red: + exit stage)")
+    ax.set_title("speed (gray: Hugging Face, blue: ours AR, orange: ours chains, green: trees, red: + exit stage)")
     fig.tight_layout()
     paths.append(out / "speed.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
+    def nodes(e: dict) -> int:  # draft tokens the target verifies per round: K for a chain, the tree's size
+        from .tree_spec import TreeSpec
+
+        return TreeSpec.parse(e["tree"]).total_tokens if e.get("tree") else e["k"]
+
     fam: dict[str, list[dict]] = {}
     for e in spec:
-        key = f"T{e['temperature']:g} {e['drafter']} {e['method']}" + (f" +exit{e['exit_layer']}" if e.get("exit_layer") else "")
+        key = (f"T{e['temperature']:g} {e['drafter']} {'tree ' if e.get('tree') else ''}{e['method']}"
+               + (f" +exit{e['exit_layer']}" if e.get("exit_layer") else ""))
         fam.setdefault(key, []).append(e)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for key, es in fam.items():
-        es = sorted(es, key=lambda e: e["k"])
-        axes[0].plot([e["k"] for e in es], [e["tau"] for e in es], marker="o", label=key)
-        axes[1].plot([e["k"] for e in es], [e.get("speedup_vs_generate") or float("nan") for e in es], marker="o", label=key)
-    axes[0].set_title("tau vs K")
-    axes[1].set_title("speed-up over HF generate vs K")
+        es = sorted(es, key=nodes)
+        axes[0].plot([nodes(e) for e in es], [e["tau"] for e in es], marker="o", label=key)
+        axes[1].plot([nodes(e) for e in es], [e.get("speedup_vs_generate") or float("nan") for e in es], marker="o",
+                     label=key)
+    axes[0].set_title("tau vs draft size")
+    axes[1].set_title("speed-up over HF generate vs draft size")
     for ax in axes:
-        ax.set_xlabel("K (draft tokens per round)")
+        ax.set_xlabel("draft tokens per target pass (K for chains, nodes for trees)")
         ax.grid(alpha=0.3)
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[0].legend(fontsize=7)
