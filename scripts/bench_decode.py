@@ -104,8 +104,9 @@ def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
     ctx = args.context
     v = runner.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, v, (1, ctx + 16), generator=g).to(dev)
-    state = runner.new_state(1, ctx + 32)
+    extra = max([16, *(n + 1 for n in args.trees)])
+    ids = torch.randint(0, v, (1, ctx + extra), generator=g).to(dev)
+    state = runner.new_state(1, ctx + extra + 16)
     runner.run(state, tokens=ids[:, :ctx], logit_rows=slice(-1, None))
     ns = list(range(1, max(args.max_tokens, 6) + 1))  # K + 1 for K = 3 and 5 at least
 

@@ -24,15 +24,15 @@ def test_bench_decode_tiny_random_target(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--random-config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32",
                        "--context", "16", "--max-tokens", "6", "--reps", "5", "--plain-tokens", "6",
-                       "--methods", "tokenwise", "hsd", "--trees", "4", "8", "--json", str(out)]) == 0
+                       "--methods", "tokenwise", "hsd", "--trees", "4", "8", "16", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert len(rep["layouts"]) == 2  # the stock layout and the engine's (CPU)
     for r in rep["layouts"].values():
         assert r["t1_ms"] > 0 and r["draft_ratio"] > 0 and set(r["pass_ratio"]) == {str(n) for n in range(1, 7)}
         assert set(r["verify"]) == {f"k{k}/{m}/torch" for k in (3, 5) for m in ("tokenwise", "hsd")}
         assert all(0 < v["share_of_round"] < 1 for v in r["verify"].values())
-        assert set(r["tree_pass_ratio"]) == {"4", "8"} and all(x > 0 for x in r["tree_pass_ratio"].values())
-        assert set(r["tree_verify"]) == {f"n{n}/{m}/torch" for n in (4, 8) for m in ("greedy", "rrs", "weighted")}
+        assert set(r["tree_pass_ratio"]) == {"4", "8", "16"} and all(x > 0 for x in r["tree_pass_ratio"].values())
+        assert set(r["tree_verify"]) == {f"n{n}/{m}/torch" for n in (4, 8, 16) for m in ("greedy", "rrs", "weighted")}
         assert all(v["ms_per_node"] > 0 for v in r["tree_verify"].values())
     assert {"T0/ar", "T0/eagle3-k3-greedy", "T1/eagle3-k5-hsd", "T1/eagle3-k3-tokenwise"} <= set(rep["configs"])
     assert all(c["ms_per_token"] > 0 for c in rep["configs"].values())
