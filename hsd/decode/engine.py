@@ -5,6 +5,8 @@
     until EOS or max_new_tokens:
         round: draft -> [exit stage] -> one target pass over root + draft -> verify -> crop caches
         append accepted + next token (cut at EOS / max_new_tokens); tell the drafter what was committed
+    (with ``DecodeConfig.tree``: tree_round = draft a tree -> one pass with the tree mask -> verify_tree ->
+    keep the accepted path's cache entries)
 
 The "root" is the last committed token: it is appended to the context when sampled but enters the
 target (and its cache) only with the next round's pass, together with the draft that follows it.
@@ -31,6 +33,7 @@ from .exit_stage import ExitStage
 from .sampling import process, sample
 from .stats import DecodeStats, RoundRecord
 from .target import KVState, TargetRunner, tree_positions
+from .tree_spec import TreeSpec
 from .verifier import verify_chain, verify_tree_draft
 
 
@@ -236,7 +239,7 @@ class SpeculativeDecoder:
             raise ValueError(f"tree {cfg.tree!r}: the {self.drafter.name!r} drafter drafts chains only; tree "
                              "drafting needs an EAGLE-3 head (Eagle3Drafter)")
 
-    def tree_round(self, run: _Run, spec) -> RoundResult:
+    def tree_round(self, run: _Run, spec: TreeSpec) -> RoundResult:
         """draft a tree -> one target pass over [root, tree] (tree mask, positions = prefix + depth) ->
         verify_tree -> keep the accepted path's KV entries in the cache, nothing else."""
         cfg, state = run.config, run.state
@@ -280,7 +283,8 @@ class SpeculativeDecoder:
         else:
             tokens, q = draft.tokens, draft.q
             if not draft.is_chain:
-                raise NotImplementedError("tree drafts need tree verification (hsd.verify.verify_tree)")
+                raise ValueError("a drafter returned a tree from propose(); trees are drafted with "
+                                 "DecodeConfig(tree=...), which calls propose_tree and verify_tree")
             run.stats.draft_steps += draft.size if q is not None else 0
         base = state.length()
         x = torch.cat([run.ctx[:, -1:], tokens], dim=1)
