@@ -98,7 +98,8 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
              (["--exit-head", str(tmp_path)], "layer_<l>"),
              (["--prompts", str(tmp_path / "none.jsonl")], "prompt file not found"),
              (["--draft-model", "layers:9"], "num_layers must be in"),
-             (["--method", "bogus"], "--method"), (["--backend", "cuda"], "--backend"), (["--tree"], "--tree")]
+             (["--method", "bogus"], "--method"), (["--backend", "cuda"], "--backend"),
+             (["--tree", "4x4"], "TOPK:DEPTH:TOTAL"), (["--tree", "2:3:40"], "total_tokens")]
     for extra, match in cases:
         rc = main(["--target", str(root / "target"), "--out-dir", str(out), "--prompts", str(prompts), *extra])
         err = capsys.readouterr().err

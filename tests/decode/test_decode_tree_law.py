@@ -199,6 +199,7 @@ def synthetic_round_law(spec: str, method: str, v: int = 3, length: int = 3) -> 
 
     params = SamplingParams(1.0)
     tree = TreeSpec.parse(spec)
+    outcomes: dict = {}
 
     def target(prefix):
         return torch.softmax(_rows(prefix, v, 1), -1)
@@ -209,11 +210,13 @@ def synthetic_round_law(spec: str, method: str, v: int = 3, length: int = 3) -> 
 
         draft, _ = tree_mod.build_tree(_rows((), v, 2), expand, tree, params)
         toks, par = draft.tokens[0].tolist(), draft.parents[0].tolist()
-        p = torch.stack([target(())] + [target(tuple(toks[j] for j in path_of(par, i))) for i in range(len(toks))])
-        law, rows = tree_decision_law(draft.tokens, draft.parents, draft.q.double(), p[None], method=method)
-        opts = [((s, y), float(law[0, s] * rows[0, s, y])) for s in range(len(toks) + 1) for y in range(v)
-                if float(law[0, s] * rows[0, s, y]) > 0]
-        s, y = Replay.current.choose(opts)
+        key = (tuple(toks), tuple(par), draft.q.double().numpy().tobytes())
+        if key not in outcomes:  # the replay reruns the round once per verifier outcome: compute the law once
+            p = torch.stack([target(())] + [target(tuple(toks[j] for j in path_of(par, i))) for i in range(len(toks))])
+            law, rows = tree_decision_law(draft.tokens, draft.parents, draft.q.double(), p[None], method=method)
+            outcomes[key] = [((s, y), float(law[0, s] * rows[0, s, y])) for s in range(len(toks) + 1)
+                             for y in range(v) if float(law[0, s] * rows[0, s, y]) > 0]
+        s, y = Replay.current.choose(outcomes[key])
         return tuple(toks[j] for j in path_of(par, s - 1)) + (y,)
 
     def complete(law):
@@ -241,7 +244,7 @@ def _path(nodes, i):
 
 
 @pytest.mark.parametrize("spec,v,method", [("2:2:3", 3, "rrs"), ("2:2:3", 3, "weighted"), ("2:3:5", 2, "rrs"),
-                                           ("2:3:5", 2, "weighted"), ("3:2:4", 3, "weighted")])  # the last ~60 s
+                                           ("2:3:5", 2, "weighted"), ("3:2:4", 3, "rrs"), ("3:2:4", 3, "weighted")])
 def test_ranking_across_branches_is_lossless(replay, spec, v, method):
     """Dynamic trees rank nodes across branches (which nodes are expanded and kept depends on the tokens of
     other branches, drawn later in depth-first order). Exact on synthetic rows for both tree verifiers."""
