@@ -88,15 +88,15 @@ def exact_law(run):
 class TargetLaw:
     """Exact processed law of the target's continuations of ``ids`` (float64 rows, memoised per prefix)."""
 
-    def __init__(self, t, ids, temperature):
-        self.t, self.ids, self.temp, self.memo = t, ids, temperature, {}
+    def __init__(self, t, ids, temperature, top_k: int = TOPK):
+        self.t, self.ids, self.temp, self.top_k, self.memo = t, ids, temperature, top_k, {}
 
     def row(self, prefix: tuple) -> torch.Tensor:
         if prefix not in self.memo:
             x = torch.cat([self.ids, torch.tensor([prefix], dtype=torch.long)], dim=1) if prefix else self.ids
             with torch.no_grad():
                 logits = self.t(x).logits[0, -1]
-            self.memo[prefix] = process_logits(logits, self.temp, TOPK).double()
+            self.memo[prefix] = process_logits(logits, self.temp, self.top_k).double()
         return self.memo[prefix]
 
     def complete(self, law: dict) -> dict:

@@ -20,7 +20,6 @@ import hsd.decode.engine as engine_mod
 import hsd.decode.tree_draft as tree_mod
 import hsd.decode.verifier as verifier_mod
 from hsd.decode import DecodeConfig, SpeculativeDecoder
-from hsd.decode.sampling import process_logits
 from hsd.verify import TreeVerifyResult, tree_decision_law
 from tests.decode import decode_fixtures as fx
 from tests.decode.test_decode_law import M, Replay, TargetLaw, exact_law, replay_sample, tv
@@ -62,22 +61,6 @@ def replay_verify_tree(tokens, parents, q, p, *, method="weighted", backend="tor
                             torch.tensor([y]))
 
 
-class Law(TargetLaw):
-    """TargetLaw with its own top-k processing."""
-
-    def __init__(self, t, ids, temperature, top_k):
-        super().__init__(t, ids, temperature)
-        self.top_k = top_k
-
-    def row(self, prefix: tuple) -> torch.Tensor:
-        if prefix not in self.memo:
-            x = torch.cat([self.ids, torch.tensor([prefix], dtype=torch.long)], dim=1) if prefix else self.ids
-            with torch.no_grad():
-                logits = self.t(x).logits[0, -1]
-            self.memo[prefix] = process_logits(logits, self.temp, self.top_k).double()
-        return self.memo[prefix]
-
-
 @pytest.fixture
 def replay(monkeypatch):
     for mod in (drafters_mod, engine_mod, verifier_mod):
@@ -100,7 +83,7 @@ def tree_law_tv(t, ids, tree, method, top_k, temperature=1.0):
     def run():
         return tuple(dec.generate(ids, config=cfg, max_rounds=1).new_tokens[0].tolist())
 
-    law = Law(t, ids, temperature, top_k)
+    law = TargetLaw(t, ids, temperature, top_k)
     got = law.complete(exact_law(run))
     assert abs(sum(got.values()) - 1) < 1e-6
     return tv(got, law.law())
@@ -258,3 +241,22 @@ def test_synthetic_check_catches_own_token_ranking(replay, monkeypatch):
     d = synthetic_round_law("2:2:3", "weighted")
     print(f"planted TV {d:.3f}")
     assert d > 1e-3
+
+
+def test_sibling_rows_equal_without_replacement_rows():
+    """The engine's vectorised sibling rows equal hsd.verify's reference construction."""
+    from hsd.verify import without_replacement_rows
+
+    g = torch.Generator().manual_seed(0)
+    parents = [-1, -1, -1, 0, 0, 2, 3, 3]
+    raw = torch.softmax(torch.randn(len(parents) + 1, 6, generator=g, dtype=torch.float64), -1)
+    nodes, used = [], {}
+    for p in parents:  # each node's token: a fresh token of its parent's row
+        row = raw[p + 1]
+        tok = next(x for x in torch.argsort(row, descending=True).tolist() if x not in used.get(p, ()))
+        used.setdefault(p, set()).add(tok)
+        nodes.append(tree_mod.TreeNode(tok, p, 0, 0.0, 0.0, row))
+    tokens = torch.tensor([[n.token for n in nodes]])
+    par = torch.tensor([parents])
+    ref = without_replacement_rows(tokens, par, torch.stack([n.row for n in nodes])[None])
+    assert torch.allclose(tree_mod.sibling_rows(nodes, parents), ref[0], atol=1e-12)
