@@ -54,6 +54,7 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
     assert (out / "eagle3" / "final").is_dir() and (out / "early_exit" / "final" / "layer_2").is_dir()
     assert f"report: {out / 'report.md'}" in first and "--push-to-hub REPO_ID" in first
     stamp = (out / "eagle3" / "final" / "config.yaml").stat().st_mtime_ns
+    _check_readme_block(out, first, rows, tmp_path / "README.md")
 
     assert cli.main(["quickstart", "--config", config, "--output-dir", str(out)]) == 0
     second = capsys.readouterr().out
@@ -78,6 +79,26 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.count("reused finished run") == 2
     rep = json.loads((out / "decode" / "decode.json").read_text())
     assert rep["meta"]["max_new_tokens"] == 4 and "resumed_configurations" not in rep["meta"]
+
+
+def _check_readme_block(out, printed, rows, readme):
+    """scripts/readme_results.py: the README block is the job's printed lines and its report's table."""
+    log = (out / "main_job.log").read_text()
+    ours, shown = log.splitlines(), iter(printed.splitlines())
+    assert all(any(ln == p for p in shown) for ln in ours)  # the job's own lines, in the order printed
+    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 14
+    readme.write_text("# x\n\nbefore\n<!-- main-job:begin old -->\nstale\n<!-- main-job:end -->\nafter\n")
+    assert quickstart.readme_main([str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("<!-- main-job:end -->\nafter\n")
+    assert all(r in text for r in rows) and log.splitlines()[0] in text and "--push-to-hub REPO_ID" in text
+    quickstart.update_readme(out, readme)
+    assert readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="main-job:begin"):
+        quickstart.update_readme(out, readme)
+    with pytest.raises(FileNotFoundError, match="main_job.log"):
+        quickstart.update_readme(out / "nowhere", readme)
 
 
 def test_bad_config_key_is_one_clear_error(tmp_path, capsys, monkeypatch):

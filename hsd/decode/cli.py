@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-chain", action="store_true",
                     help="no chain configurations of this engine (with --tree: trees next to the baselines only)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
+    ap.add_argument("--no-ar", action="store_true",
+                    help="skip this engine's plain decoding (tau-only studies: no speed-up against it)")
     ap.add_argument("--no-lookup", action="store_true", help="skip this engine's prompt-lookup drafter")
     ap.add_argument("--no-model-drafter", action="store_true",
                     help="with --draft-model: run it only as the HF assisted baseline, not in this engine")
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = build_grid(args.temperature, args.k, args.method, args.backend, head=models.head is not None,
                        exit_layers=args.exit_layer or sorted(models.exit_heads),
                        draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
+                       ar=not args.no_ar,
                        exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
                        model_drafter=not args.no_model_drafter, trees=args.tree,
                        chains=not args.no_chain)

@@ -60,12 +60,13 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                head: bool, exit_layers: list[int], draft_model: bool, lookup: bool = True,
                hf: bool = True, exit_window: int = 1, top_k: int = 0, top_p: float = 1.0,
                baseline_ks: list[int] | None = None, model_drafter: bool = True,
-               trees: list[str] = (), chains: bool = True) -> list[RunSpec]:
+               trees: list[str] = (), chains: bool = True, ar: bool = True) -> list[RunSpec]:
     """The default grid: per temperature, HF generate, this engine without a drafter, then per K the HF
     prompt-lookup / assisted baselines and every EAGLE-3 method x backend, with and without each exit
     layer, then every draft tree ("TOPK:DEPTH:TOTAL") x method x backend (trees have no exit stage; at
     T > 0 "tokenwise" verifies a tree by recursive rejection sampling, "blockwise"/"hsd" by the weighted
-    tree verifier). ``chains=False``: no engine chains (the baselines of ``baseline_ks`` still run). At T = 0
+    tree verifier). ``chains=False``: no engine chains (the baselines of ``baseline_ks`` still run).
+    ``ar=False``: no plain decoding by this engine (τ-only studies; no speed-up column). At T = 0
     all verifiers see one-hot rows and agree (tested), so only "greedy" runs there."""
     specs: list[RunSpec] = []
     kw = dict(top_k=top_k, top_p=top_p)
@@ -73,7 +74,8 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
         tn = _t(temp)
         if hf:
             specs.append(RunSpec(f"{tn}/hf_generate", "hf_generate", temp, **kw))
-        specs.append(RunSpec(f"{tn}/ar", "engine", temp, "none", 0, **kw))
+        if ar:
+            specs.append(RunSpec(f"{tn}/ar", "engine", temp, "none", 0, **kw))
         meths = ["greedy"] if temp == 0 else [m for m in methods if m != "greedy"]
         for k in sorted(set(ks) | set(baseline_ks or [])):
             if hf and k in (baseline_ks or ks):

@@ -70,6 +70,16 @@ def test_bad_tree_is_refused(capsys):
     assert "TOPK:DEPTH:TOTAL" in capsys.readouterr().err
 
 
+def test_grid_without_plain_decoding():
+    """--no-ar (tau-only studies) drops exactly this engine's plain-decoding runs."""
+    from hsd.decode.evaluate import build_grid
+
+    kw = dict(head=True, exit_layers=[4], draft_model=False, trees=["2:2:3"])
+    full = [s.name for s in build_grid([0.0, 1.0], [3], ["tokenwise", "hsd"], ["torch"], **kw)]
+    tau_only = [s.name for s in build_grid([0.0, 1.0], [3], ["tokenwise", "hsd"], ["torch"], ar=False, **kw)]
+    assert {"T0/ar", "T1/ar"} <= set(full) and tau_only == [n for n in full if n not in ("T0/ar", "T1/ar")]
+
+
 def test_select_prompts_spreads_over_sources():
     ps = [Prompt(f"{g}{i}", g, ["x"]) for g in ("gsm8k", "chat", "code") for i in range(5)]
     got = select_prompts(ps, 4)
