@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hsd.verify import without_replacement_rows
+
 from .draft import Draft
 from .sampling import SamplingParams, process
 from .tree_spec import TreeSpec, prune_tree
@@ -139,16 +141,8 @@ def build_tree(root_logits: Tensor, expand: Callable[[list[int], list[TreeNode]]
 
 def sibling_rows(kept: list[TreeNode], parents: list[int]) -> Tensor:
     """The rows the kept nodes were drawn from [N, V]: each node's parent row without the tokens of its
-    earlier siblings, renormalised (as :func:`hsd.verify.without_replacement_rows`, vectorised). Kept
-    siblings are a prefix of the drawn order, so removing the kept earlier siblings is exact."""
-    rows = torch.stack([n.row for n in kept]).clone()
-    seen: dict[int, list[int]] = {}
-    ri, ci = [], []
-    for i, (node, p) in enumerate(zip(kept, parents)):
-        earlier = seen.setdefault(p, [])
-        ri += [i] * len(earlier)
-        ci += earlier
-        earlier.append(node.token)
-    if ri:
-        rows[torch.tensor(ri), torch.tensor(ci)] = 0.0
-    return rows / rows.sum(-1, keepdim=True)
+    earlier siblings, renormalised (:func:`hsd.verify.without_replacement_rows`). Kept siblings are a
+    prefix of the drawn order, so removing the kept earlier siblings is exact."""
+    rows = torch.stack([n.row for n in kept])
+    tokens = torch.tensor([[n.token for n in kept]], device=rows.device)
+    return without_replacement_rows(tokens, torch.tensor([parents], device=rows.device), rows[None])[0]

@@ -396,17 +396,15 @@ def without_replacement_rows(tokens: Tensor, parents: Tensor, draft_probs: Tenso
     """
     struct = structure(parents)
     b, n, v = draft_probs.shape
-    rows = torch.arange(b, device=draft_probs.device)
-    taken = torch.zeros(b, n + 1, v, dtype=torch.bool, device=draft_probs.device)
+    idx = torch.arange(n, device=draft_probs.device)
+    par, real = struct.parent_slot, struct.real
+    # earlier[b, i, j]: real node j is an earlier sibling of real node i (same parent, drawn before it)
+    earlier = ((par.unsqueeze(2) == par.unsqueeze(1)) & (idx.view(1, 1, n) < idx.view(1, n, 1))
+               & real.unsqueeze(2) & real.unsqueeze(1))
+    bi, i, j = earlier.nonzero(as_tuple=True)
     out = draft_probs.clone()
-    for i in range(n):
-        par = struct.parent_slot[:, i].clamp(min=0)
-        row = draft_probs[:, i].masked_fill(taken[rows, par], 0.0)
-        out[:, i] = row / row.sum(-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
-        x = torch.where(struct.real[:, i], tokens[:, i].long(), 0)
-        hit = torch.nn.functional.one_hot(x, v).bool() & struct.real[:, i].unsqueeze(1)
-        taken[rows, par] = taken[rows, par] | hit
-    return out
+    out[bi, i, tokens[bi, j].long()] = 0.0
+    return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
 
 
 def pass_probabilities(levels: TreeLevels, rule: TreeRule, iters: int = 64) -> Tensor:

@@ -21,6 +21,7 @@ import hsd.decode.tree_draft as tree_mod
 import hsd.decode.verifier as verifier_mod
 from hsd.decode import DecodeConfig, SpeculativeDecoder
 from hsd.verify import TreeVerifyResult, tree_decision_law
+from hsd.verify.tree import structure as hsd_structure
 from tests.decode import decode_fixtures as fx
 from tests.decode.test_decode_law import M, Replay, TargetLaw, exact_law, replay_sample, tv
 
@@ -243,8 +244,24 @@ def test_synthetic_check_catches_own_token_ranking(replay, monkeypatch):
     assert d > 1e-3
 
 
+def _rows_one_by_one(tokens, parents, q):
+    """Reference: walk the nodes in order, removing each real node's token from its parent's later draws."""
+    struct = hsd_structure(parents)
+    out, taken = q.clone(), {}
+    for b in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            p = int(struct.parent_slot[b, i])
+            row = q[b, i].clone()
+            row[list(taken.get((b, p), []))] = 0.0
+            out[b, i] = row / row.sum()
+            if struct.real[b, i]:
+                taken.setdefault((b, p), []).append(int(tokens[b, i]))
+    return out
+
+
 def test_sibling_rows_equal_without_replacement_rows():
-    """The engine's vectorised sibling rows equal hsd.verify's reference construction."""
+    """The engine's sibling rows and hsd.verify's vectorised construction equal a node-by-node walk, on
+    random trees with ragged padding."""
     from hsd.verify import without_replacement_rows
 
     g = torch.Generator().manual_seed(0)
@@ -258,5 +275,10 @@ def test_sibling_rows_equal_without_replacement_rows():
         nodes.append(tree_mod.TreeNode(tok, p, 0, 0.0, 0.0, row))
     tokens = torch.tensor([[n.token for n in nodes]])
     par = torch.tensor([parents])
-    ref = without_replacement_rows(tokens, par, torch.stack([n.row for n in nodes])[None])
+    ref = _rows_one_by_one(tokens, par, torch.stack([n.row for n in nodes])[None])
     assert torch.allclose(tree_mod.sibling_rows(nodes, parents), ref[0], atol=1e-12)
+    # a batch of two trees, the second padded (parent -2 marks a padding node, as verify_tree takes it)
+    tokens = torch.tensor([[0, 2, 1, 1, 0, 3], [4, 4, 1, 0, 0, 0]])
+    par = torch.tensor([[-1, -1, -1, 0, 0, 1], [-1, 0, -1, 0, -2, -2]])
+    q = torch.softmax(torch.randn(2, 6, 6, generator=g, dtype=torch.float64), -1)
+    assert torch.allclose(without_replacement_rows(tokens, par, q), _rows_one_by_one(tokens, par, q), atol=1e-12)
