@@ -257,11 +257,14 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 def results_table(entries: list[dict]) -> list[str]:
     """Markdown rows, one per decode configuration, from ``decode.json``'s ``runs``."""
-    rows = ["| configuration | T | K | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
+    rows = ["| configuration | T | K / tree | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        verifier = e.get("method") if e.get("kind") == "engine" and e.get("k") else ""
-        rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('k') or ''} | {verifier or ''} | "
+        if e.get("tree"):  # the tree verifier the method maps to (greedy / rrs / weighted) ends the name
+            verifier = e["name"].rsplit("-", 1)[-1]
+        else:
+            verifier = e.get("method") if e.get("kind") == "engine" and e.get("k") else ""
+        rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('tree') or e.get('k') or ''} | {verifier or ''} | "
                     f"{e.get('exit_layer') or ''} | {_fmt(e.get('tau'))} | {_fmt(e.get('tokens_per_s_macro'), '.1f')} | "
                     f"{_fmt(e.get('speedup_vs_generate'))} | {_fmt(e.get('exact_match'))} |")
     return rows
