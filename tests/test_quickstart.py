@@ -47,6 +47,9 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
         assert need in names
     rows = [ln for ln in report.splitlines() if ln.startswith("| `")]
     assert sorted(re.match(r"\| `([^`]+)`", r).group(1) for r in rows) == sorted(names)
+    for name, verifier in (("T0/eagle3-tree2x2n3-greedy", "greedy"), ("T1/eagle3-tree2x2n3-rrs", "rrs"),
+                           ("T1/eagle3-tree2x2n3-weighted", "weighted")):  # the verify_tree method, not the option
+        assert any(r.startswith(f"| `{name}` |") and f"| 2:2:3 | {verifier} |" in r for r in rows)
     assert "hsd-train train eagle3 --config" in report and "hsd-train decode --target" in report
     assert (out / "export" / "eagle3" / "config.json").is_file()
     checks = json.loads((out / "export" / "validation.json").read_text())["checks"]

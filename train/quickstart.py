@@ -25,6 +25,7 @@ refused). ``trees`` adds draft-tree configurations; ``decode_extra_args`` goes t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hsd.config import config_diff, config_to_dict, load_config
+from hsd.decode.config import DecodeConfig
 
 DEFAULT_CONFIG = "configs/quickstart/smollm2-135m.yaml"
 # keys that may differ between a finished run's saved config and this one without making it a different run
@@ -260,8 +262,8 @@ def results_table(entries: list[dict]) -> list[str]:
     rows = ["| configuration | T | K / tree | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        if e.get("tree"):  # the tree verifier the method maps to (greedy / rrs / weighted) ends the name
-            verifier = e["name"].rsplit("-", 1)[-1]
+        if e.get("tree"):  # the verify_tree method the run's method maps to (greedy / rrs / weighted)
+            verifier = DecodeConfig(temperature=e["temperature"], method=e["method"], tree=e["tree"]).tree_method
         else:
             verifier = e.get("method") if e.get("kind") == "engine" and e.get("k") else ""
         rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('tree') or e.get('k') or ''} | {verifier or ''} | "
@@ -341,12 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_PRINTED: list[str] = []  # what this invocation printed, written to DIR/main_job.log at the end
-
-
-def _say(msg: str) -> None:
+def _say(msg: str, printed: list[str]) -> None:
+    """Print one line of the job's own output and keep it for DIR/main_job.log."""
     print(msg, flush=True)
-    _PRINTED.append(msg)
+    printed.append(msg)
 
 
 README_BEGIN = "<!-- main-job:begin"
@@ -398,7 +398,8 @@ def readme_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the main job (see the module docstring); bad input raises ValueError (one line via run_main)."""
     args = build_parser().parse_args(argv)
-    _PRINTED.clear()
+    printed: list[str] = []
+    say = functools.partial(_say, printed=printed)
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
     qc = load_config(QuickstartConfig, args.config, overrides)
     out = Path(qc.output_dir)
@@ -409,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"prompt file not found: {name!r}")
     reused = [finished_run(c) for c in cfgs]
     est = estimate_seconds(qc, stages, cfgs, reused)
-    _say(f"main job -> {out}; estimated {sum(est.values()) / 60:.1f} min on this CPU ("
+    say(f"main job -> {out}; estimated {sum(est.values()) / 60:.1f} min on this CPU ("
          + ", ".join(f"{k} {v / 60:.1f}" + (" (finished: reused)" if v == 0 else "") for k, v in est.items())
          + "; from the configured steps x measured costs in " + args.config + ")")
     if args.estimate_only:
@@ -421,22 +422,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0, notes, commands, metrics = time.perf_counter(), {}, {}, {}
     for i, (stage, cfg) in enumerate(zip(stages, cfgs), 1):
-        _say(f"[{i}/5] {stage.shell()}")
+        say(f"[{i}/5] {stage.shell()}")
         was_reused, metrics[stage.name] = run_stage(stage, cfg)
         notes[f"{i}. train {stage.name}"] = "reused: finished earlier" if was_reused else "trained"
         commands[f"{i}. train {stage.name}"] = stage.shell()
-        _say(f"      {'reused finished run' if was_reused else 'trained'}: {cfg.output_dir}/final "
+        say(f"      {'reused finished run' if was_reused else 'trained'}: {cfg.output_dir}/final "
              f"({time.perf_counter() - t0:.0f} s elapsed)")
     head, exits, export_dir = out / "eagle3" / "final", out / "early_exit" / "final", out / "export" / "eagle3"
     commands["3. export"] = (f"hsd-train export {head} --out {export_dir} --dtype {qc.export_dtype} "
                              f"--target {cfgs[0].target} --overwrite")
-    _say(f"[3/5] {commands['3. export']}")
+    say(f"[3/5] {commands['3. export']}")
     export_reused, checks = export_stage(head, export_dir, qc.export_dtype, cfgs[0].target, reuse=reused[0])
     notes["3. export"] = "reused: head unchanged" if export_reused else "exported and validated"
-    _say(f"      {notes['3. export']}: {export_dir} ({len(checks)} checks passed)")
+    say(f"      {notes['3. export']}: {export_dir} ({len(checks)} checks passed)")
     dargv = decode_argv(qc, cfgs[0].target, export_dir, exits, out / "decode")
     commands["4. decode"] = "hsd-train decode " + shlex.join(dargv)
-    _say(f"[4/5] {commands['4. decode']}")
+    say(f"[4/5] {commands['4. decode']}")
     continued, decode = decode_stage(dargv, out / "decode", resume=all(reused) and export_reused)
     notes["4. decode"] = "continued (finished configurations reused)" if continued else "ran"
     report = out / "report.md"
@@ -448,10 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "decode JSON": out / "decode" / "decode.json", "decode answers": out / "decode" / "answers",
                  "training logs": out / "eagle3" / "metrics.jsonl"}
     write_report(report, decode, commands, artefacts, notes, checks, metrics)
-    _say(f"[5/5] wrote {report} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    say(f"[5/5] wrote {report} ({(time.perf_counter() - t0) / 60:.1f} min)")
     for line in summary_lines(decode["runs"], export_dir, head, report):
-        _say(f"  {line}")
-    (out / "main_job.log").write_text("\n".join(_PRINTED) + "\n")
+        say(f"  {line}")
+    (out / "main_job.log").write_text("\n".join(printed) + "\n")
     return 0
 
 
