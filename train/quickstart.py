@@ -257,6 +257,9 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return "" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+RESULTS_HEADING = "## Results (generated from decode/decode.json)"  # report.md; readme_block finds the table by it
+
+
 def results_table(entries: list[dict]) -> list[str]:
     """Markdown rows, one per decode configuration, from ``decode.json``'s ``runs``."""
     rows = ["| configuration | T | K / tree | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
@@ -316,7 +319,7 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
              f"Target `{meta.get('target')}`, prompts {meta.get('prompts')}, {meta.get('max_new_tokens')} new tokens, "
              f"{meta.get('torch_threads')} torch thread(s), started {meta.get('started')}, "
              f"finished {meta.get('finished')}.", "",
-             "## Results (generated from decode/decode.json)", "", *results_table(entries), "",
+             RESULTS_HEADING, "", *results_table(entries), "",
              "τ = tokens emitted per target pass; T = 0 rows use greedy verification and must reproduce "
              "`generate()` exactly (exact match 1.00).", ""]
     if decode.get("exit_agreement"):
@@ -362,7 +365,7 @@ def readme_block(out: Path) -> list[str]:
     lines = report.read_text().splitlines()
     header = lines[2] if len(lines) > 2 else ""
     try:
-        start = lines.index("## Results (generated from decode/decode.json)") + 2
+        start = lines.index(RESULTS_HEADING) + 2
     except ValueError:
         raise ValueError(f"{report} has no results section (not a main-job report?)") from None
     stop = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
