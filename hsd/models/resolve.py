@@ -165,12 +165,15 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 def parse_dtype(dtype: torch.dtype | str | None, device: torch.device | str = "cpu") -> torch.dtype:
     """``torch.dtype`` or "auto"/"float32"/"fp32"/"bfloat16"/"bf16"/"float16"/"fp16" -> torch.dtype.
 
-    "auto" (or None) is float32 on CPU (bf16 is ~25x slower there) and bfloat16 on accelerators.
+    "auto" (or None) is :func:`hsd.precision.auto_dtype`: bfloat16 where bf16 matmuls were measured faster
+    than fp32 on ``device`` (GPUs, CPUs with AMX-BF16), float32 elsewhere (AVX2-only CPUs emulate bf16).
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        from hsd.precision import auto_dtype
+
+        return auto_dtype(device)
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
