@@ -20,6 +20,7 @@ This module imports no model code, so every layer of the project can use it.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import os
@@ -310,8 +311,10 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     Bad input is what the project raises ValueError for (unknown or ill-typed config key, a value out of
     range, a data file that cannot be read, a model that does not fit) and OSError (a missing or unreadable
     file): it becomes one line ``<prog>: error: <message>`` on stderr instead of a traceback. Set
-    ``HSD_TRACEBACK=1`` to get the traceback instead.
+    ``HSD_TRACEBACK=1`` to get the traceback instead. ``prog`` (``hsd-train train eagle3``) is also what
+    the command's ``--help`` shows: parsers take :func:`program_name` as their ``prog``.
     """
+    token = _PROG.set(prog)
     try:
         status = main(argv)
     except (ValueError, OSError) as err:
@@ -319,7 +322,25 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
             raise
         print(f"{prog or _prog()}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        _PROG.reset(token)
     return status if isinstance(status, int) else 0
+
+
+# the command words run_main was given (`hsd-train decode`); None outside run_main or when it had none
+_PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("hsd_prog", default=None)
+
+
+def program_name(default: str | None = None) -> str:
+    """The program an argument parser names in its usage line: the command ``run_main`` runs
+    (``hsd-train train eagle3``), else ``default``, else how the process was started (``python -m
+    train.eagle3``, or the script's file name)."""
+    if _PROG.get():
+        return _PROG.get()
+    if default:
+        return default
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None else (os.path.basename(sys.argv[0]) or "hsd")
 
 
 def _prog() -> str:

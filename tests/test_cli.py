@@ -107,3 +107,32 @@ def test_decode_and_export_commands_are_wired(capsys, tmp_path):
     assert cli.main(["export", str(tmp_path / "no_such_head"), "--out", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no_such_head" in err
+
+
+@pytest.mark.parametrize("command", ["train eagle3", "train early-exit"])
+def test_bad_data_is_reported_before_the_target_loads(command, env, tmp_path, capsys, monkeypatch):
+    """A missing, unparsable or wrongly shaped data file is one line before any model is loaded."""
+    monkeypatch.delenv("HSD_TRACEBACK", raising=False)
+    from hsd.models import resolve
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the target was loaded before the data was checked")
+
+    monkeypatch.setattr(resolve, "load_target", no_load)
+    shapeless = tmp_path / "shapeless.jsonl"
+    shapeless.write_text('{"prompt": "hi", "answer": "hello"}\n')
+    base = [*command.split(), f"target={env / 'target'}", f"output_dir={tmp_path / 'out'}", "report_to=none"]
+    for data, expect in ((tmp_path / "nope.jsonl", "nope.jsonl"), (shapeless, "no conversations")):
+        assert cli.main([*base, f"data=[{data}]"]) == 2
+        assert expect in one_error_line(capsys, command)
+    with pytest.raises(AssertionError, match="target was loaded"):  # the guard itself works: good data goes on
+        cli.main([*base, f"data=[{env / 'chat.jsonl'}]"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_help_names_the_full_command(command, capsys):
+    """`hsd-train train eagle3 --help` shows `hsd-train train eagle3` as the program."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command.split(), "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: hsd-train {command} ")

@@ -43,17 +43,27 @@ def load_target(cfg: Any, accelerator) -> tuple[nn.Module, Any]:
     return getattr(engine, "module", engine), tok
 
 
+def load_conversations(cfg: Any):
+    """`cfg.data` read and checked (`train.chat_data.load_conversations`): every file exists, parses and holds
+    conversations with an assistant turn. Tasks call it before the target loads, so that bad data is one line
+    in seconds rather than after minutes of loading a large target. ValueError/OSError name the file."""
+    return chat_data.load_conversations(list(cfg.data))
+
+
 def load_rows(cfg: Any, tok, vocab: int, say: Callable[[str], None] = print,
-              rows: list[dict] | None = None, stats: dict | None = None) -> tuple[list[dict], list[dict], dict]:
+              rows: list[dict] | None = None, stats: dict | None = None,
+              conversations=None) -> tuple[list[dict], list[dict], dict]:
     """Conversations -> (train rows, eval rows, stats), each row ``{"row_id", "input_ids", "loss_mask"}``.
 
-    The rows are `cfg.data` rendered with the target's chat template (`train.chat_data`; `max_length` /
-    `overflow` applied and counted), or `rows`/`stats` when given (an offline feature cache). Token ids
+    The rows are `conversations` (default: `cfg.data`, loaded by :func:`load_conversations`) rendered with
+    the target's chat template (`train.chat_data`; `max_length` / `overflow` applied and counted), or
+    `rows`/`stats` when given (an offline feature cache). Token ids
     must lie in the target vocabulary; rows without an assistant token at t >= 1 (nothing to predict) are
     dropped and counted; the split is seeded (`eval_fraction`, `seed`); one summary line goes to `say`.
     """
     if rows is None:
-        conversations = chat_data.load_conversations(list(cfg.data))
+        if conversations is None:
+            conversations = load_conversations(cfg)
         tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length, overflow=cfg.overflow)
         rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
     stats = dict(stats or {})

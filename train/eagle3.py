@@ -10,7 +10,8 @@ state; the target's LM head runs only on the rows whose next token is an assista
 rows). The head then unrolls ``ttt_steps`` training-time-test steps (train/ttt.py documents alignment,
 attention, loss and metrics). ``best/`` is chosen on held-out ``eval/sim_accept_len`` (max).
 
-Set-up (every rank), in order: the target + tokenizer (train.common.load_target; fp32 on CPU, bf16 on
+Set-up (every rank), in order: the data files read and checked (train.common.load_conversations, so a bad
+file fails before the target loads); the target + tokenizer (train.common.load_target; fp32 on CPU, bf16 on
 GPU unless ``target_dtype``) and the head config from it (``Eagle3Config.from_target``); the
 conversations (train.common.load_rows: chat template, assistant mask, truncate/drop counted, seeded
 eval split); the draft vocabulary from the *training* split's assistant tokens (train.draft_vocab;
@@ -125,10 +126,13 @@ class Eagle3Task(loop.TrainTask):
         super().__init__(config)
         self._model: Eagle3TTTModel | None = None
         self.vocab_info: dict[str, Any] = {}
+        self._conversations = None  # cfg.data, read before the target (setup) and rendered after it
 
     # -- set-up -----------------------------------------------------------------------------------------
     def setup(self, accelerator) -> None:
         self.accelerator = accelerator
+        # data first: a bad file is reported before the target loads (offline: the cache's rows are the data)
+        self._conversations = common.load_conversations(self.config) if self.config.features != "offline" else None
         self._setup_target()
         self._setup_rows()
         self._setup_vocab()
@@ -165,7 +169,8 @@ class Eagle3Task(loop.TrainTask):
         if self.features is not None:  # the cache's rows are the data
             rows, stats = self.features.token_rows(cfg.max_length, cfg.overflow)
         self._train, self._eval, self.data_stats = common.load_rows(
-            cfg, self.tokenizer, common.vocab_size(self.target), self.print, rows, stats)
+            cfg, self.tokenizer, common.vocab_size(self.target), self.print, rows, stats, self._conversations)
+        self._conversations = None  # rendered into rows; not kept
 
     def _setup_vocab(self) -> None:
         """Draft vocabulary (from the training split, or the warm-start head's) and draft_vocab.json."""

@@ -230,9 +230,10 @@ class EarlyExitTask(loop.TrainTask):
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self, accelerator) -> None:
         self.accelerator = accelerator
+        conversations = common.load_conversations(self.config)  # a bad data file fails before the target loads
         self._setup_target()
         self._train, self._eval, self.data_stats = common.load_rows(
-            self.config, self.tokenizer, common.vocab_size(self.target), self.print)
+            self.config, self.tokenizer, common.vocab_size(self.target), self.print, conversations=conversations)
         self._setup_vocab()
         self._lens = {layer: self._make_head(layer, "lens") for layer in self.layers}
         cfg = self.config

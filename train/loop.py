@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from hsd.config import config_to_dict, load_config, save_config
+from hsd.config import config_to_dict, load_config, program_name, save_config
 from train import checkpoint as ckpt
 from train import distributed as dist_utils
 from train.config import BaseTrainConfig
@@ -419,7 +419,8 @@ def train(task: TrainTask) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="hsd-train trainer. Extra arguments are key=value config overrides.")
+    p = argparse.ArgumentParser(prog=program_name(),
+                                description="hsd-train trainer. Extra arguments are key=value config overrides.")
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in output_dir first")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsd.config import config_diff, config_to_dict, load_config
+from hsd.config import config_diff, config_to_dict, load_config, program_name
 from hsd.decode.config import DecodeConfig
 
 DEFAULT_CONFIG = "configs/quickstart/smollm2-135m.yaml"
@@ -338,7 +338,7 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hsd-train quickstart", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program_name(), description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"quickstart YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--output-dir", help="where everything goes (default: the config's output_dir)")
     p.add_argument("--estimate-only", action="store_true", help="print the plan and the time estimate, run nothing")

@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hsd.config import program_name
+
 from .tree_spec import TreeSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="decode", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=program_name(), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m", help="short name, model folder or Hub id")
     ap.add_argument("--head", help="EAGLE-3 head folder (save_pretrained) or Hub id")

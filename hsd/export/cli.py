@@ -17,10 +17,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hsd.config import program_name
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hsd-train export",
+        prog=program_name(),
         description="Export a trained head (EAGLE-3 or early-exit) to a Hub-ready folder that vLLM and SGLang "
                     "load unchanged; validate it; optionally push it to the Hugging Face Hub.")
     p.add_argument("head_dir", help="saved head folder: runs/<task>/<name>/final, best/ or checkpoints/step_N/model")
