@@ -17,6 +17,10 @@ memory roofline. One run on a GPU prints every figure:
     python scripts/bench_verify.py --quick            # GPU, B in {8, 32}, K = 8
     python scripts/bench_verify.py --device cpu       # CPU: what a CPU can measure (see below)
     python scripts/bench_verify.py --target-step-ms 5.5   # also: the verifier as a fraction of a target step
+    python scripts/bench_verify.py --quick --json bench_verify.json   # also save every figure + the machine
+
+The first line printed is the machine (``hsd.machine.machine_line``: CPU and its bf16-relevant flags, GPU,
+torch/transformers versions, threads, precision); ``--json`` records it (``machine_info``) with the rows.
 
 On a CPU there is no kernel to time: it reports the memory bandwidth of this machine, the torch backend
 (``verify``, the plan's torch path) against that roofline, and the host cost of a triton call up to
@@ -26,6 +30,7 @@ are pending.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -36,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hsd.machine import machine_info, machine_line  # noqa: E402
 from hsd.verify import VerifyPlan, logit_thresholds, philox_uniforms, row_lse, verify  # noqa: E402
 from hsd.verify.serving import serve_torch  # noqa: E402
 
@@ -66,6 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-smoke", action="store_true", help="skip the correctness smoke")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the machine, the bandwidths and every row to this JSON file")
     return ap.parse_args(argv)
 
 
@@ -344,6 +351,8 @@ def main(argv=None):
     dtypes = [DTYPES[d] for d in (args.dtypes or ("bfloat16" if cuda else "float32")).split(",")]
     methods = args.methods.split(",")
 
+    machine = machine_info(device, dtypes[0] if len(dtypes) == 1 else None)
+    print(f"machine: {machine_line(machine)}")
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     spec = spec_tbs(name, args.spec_tbs) if cuda else args.spec_tbs
     copy_gbs, read_gbs = measured_bandwidth(device, (1 << 30) if cuda else (1 << 28))
@@ -416,6 +425,11 @@ def main(argv=None):
     else:
         print("GPU figures (graph replay on cold inputs, ratio to the roofline, eager time, the correctness smoke "
               "of the compiled kernel): pending, no GPU here.")
+    if args.json:
+        report = {"machine": machine, "device": name, "args": vars(args), "spec_tbs": spec, "copy_gbs": copy_gbs,
+                  "read_gbs": read_gbs, "smoke_ok": smoke_ok, "goal_ratio": GOAL, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
     return rows
 
 
