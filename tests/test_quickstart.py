@@ -7,8 +7,10 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
+from hsd.machine import machine_info, machine_line
 from tests.conftest import write_tiny_chat_run
 from train import cli, quickstart
 
@@ -89,12 +91,15 @@ def _check_readme_block(out, printed, rows, readme):
     log = (out / "main_job.log").read_text()
     ours, shown = log.splitlines(), iter(printed.splitlines())
     assert all(any(ln == p for p in shown) for ln in ours)  # the job's own lines, in the order printed
-    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 14
+    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 15
+    assert ours[1] == f"machine: {machine_line(machine_info('cpu', torch.float32))}"  # conftest pins auto = fp32
+    assert f"Machine: {ours[1].removeprefix('machine: ')}" in (out / "report.md").read_text().splitlines()
     readme.write_text("# x\n\nbefore\n<!-- main-job:begin old -->\nstale\n<!-- main-job:end -->\nafter\n")
     assert quickstart.readme_main([str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("<!-- main-job:end -->\nafter\n")
     assert all(r in text for r in rows) and log.splitlines()[0] in text and "--push-to-hub REPO_ID" in text
+    assert f"\nMachine: {ours[1].removeprefix('machine: ')}\n" in text  # the README's figures say where
     quickstart.update_readme(out, readme)
     assert readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
