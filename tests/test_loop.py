@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from hsd.machine import machine_info
 from tests.toy_task import ToyConfig, ToyTask
 from train import checkpoint as ckpt
 from train.config import load_config
@@ -109,6 +110,7 @@ def test_trains_and_writes_layout(tmp_path):
     assert [g["weight_decay"] for g in opt["param_groups"]] == [0.0, 0.0]
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["frozen_params_in_model"] == 8 * 8 + 8
+    assert info["machine"] == machine_info("cpu", torch.float32)  # where it was trained (conftest: auto = fp32)
 
 
 def test_grad_accum_matches_bigger_batch(tmp_path):

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 
 from hsd.config import config_to_dict, load_config, program_name, save_config
+from hsd.machine import machine_info, machine_line
+from hsd.models.resolve import parse_dtype
 from train import checkpoint as ckpt
 from train import distributed as dist_utils
 from train.config import BaseTrainConfig
@@ -253,9 +255,11 @@ class _Trainer:
                 "train_rows": len(self.train_ds), "eval_rows": len(self.eval_ds) if self.eval_ds is not None else 0,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "resumed_from": str(self.resume_from) if self.resume_from else None,
-                "start_step": self.state.step}
+                "start_step": self.state.step,
+                "machine": machine_info(self.acc.device, parse_dtype(cfg.target_dtype, self.acc.device))}
         ckpt.write_json(self.out / "run_info.json", info)
-        self.print("run: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        self.print("run: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "machine"))
+        self.print("machine: " + machine_line(info["machine"]))
         self.tracker = make_tracker(cfg.report_to, self.out, project=cfg.wandb_project,
                                     run_name=cfg.run_name or self.out.name, config=config_to_dict(cfg))
 

@@ -103,7 +103,7 @@ def _training(src: HeadSource) -> dict[str, Any]:
     out["step"] = src.step
     if src.run_info.get("total_steps") is not None:
         out["total_steps"] = int(src.run_info["total_steps"])
-    for k in ("train_rows", "eval_rows", "world_size", "device", "trainable_params"):
+    for k in ("train_rows", "eval_rows", "world_size", "device", "trainable_params", "machine"):
         if k in src.run_info:
             out[k] = src.run_info[k]
     return path_free(out)
@@ -247,6 +247,10 @@ def eagle3_card(s: dict[str, Any], repo_ref: str) -> str:
          + (f", K = {tr['ttt_steps']} training-time-test steps" if tr.get("ttt_steps") else "")),
         ("Exported by", f"hsd-train {s.get('hsd_train_commit') or ''}".strip() + f", {s['exported_at']}"),
     ]
+    if tr.get("machine"):  # where it was trained (runs from before the machine was recorded have none)
+        from hsd.machine import machine_line
+
+        rows.insert(-1, ("Trained on", machine_line(tr["machine"]) + f" × {tr.get('world_size') or 1} process(es)"))
     out.extend(f"| {a} | {b} |\n" for a, b in rows)
     if t.get("weights_note"):
         out.append(f"\nNote: the target weights used in training were {t['weights_note']}.\n")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from hsd.machine import machine_info
 from tests.conftest import tiny_causal_lm
 
 AUX_CONVENTION = "Hugging Face output_hidden_states indices = vLLM 'capture before layer j'"
@@ -73,7 +74,8 @@ def write_head_run(root: Path, head, target_dir: Path, *, seed: int = 0, step: i
         (d / "config.yaml").write_text(yaml.safe_dump(run_cfg))
         (d / "draft_vocab.json").write_text(json.dumps(vocab, indent=2))
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (run / "run_info.json").write_text(json.dumps({"total_steps": step, "train_rows": 43, "eval_rows": 5}))
+    (run / "run_info.json").write_text(json.dumps({"total_steps": step, "train_rows": 43, "eval_rows": 5,
+                                                   "world_size": 1, "machine": machine_info("cpu", torch.float32)}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": step, **metrics}) + "\n")
     return final
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from hsd.export import EAGLE3_KEYS, ExportError, export_head, load_exported_eagle3
 from hsd.export.cli import main
+from hsd.machine import machine_info, machine_line
 from tests.conftest import tiny_causal_lm
 from tests.export.conftest import perturbed_head, write_head_run
 
@@ -109,6 +110,7 @@ def test_card_states_what_the_issue_lists(tiny_run, tmp_path):
     assert "`[2, 4, 5]` (outputs of decoder layers [1, 3, 4])" in card and "capture before layer j" in card
     assert "48 of 96 tokens, coverage 0.9300" in card
     assert "step 40 of 40" in card and "`chat.jsonl`" in card
+    assert f"| Trained on | {machine_line(machine_info('cpu', torch.float32))} × 1 process(es) |" in card
     assert "**0.710** from per-step top-1 accuracy" in card  # held-out simulated acceptance
     assert "| eagle3-k3-greedy | 0.00 | 3 | greedy | 1.870 | 12.5 | 0.91 | yes | [0.52, 0.21, 0.09] | 1.30 |" in card
     assert "(prompts gsm8k 20, chat 20, code 10; max new tokens 128; batch size 1; drafts chain)" in card
