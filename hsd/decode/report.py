@@ -54,6 +54,8 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,10 +75,11 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("draft position i")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     paths.append(out / "per_position_acceptance.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -91,12 +94,14 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     ax.legend(fontsize=6)
     fig.tight_layout()
     paths.append(out / "accept_hist.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(entries)), 5))
     names = [e["name"] for e in entries]
     vals = [e.get("tokens_per_s_macro") or 0 for e in entries]
+    kinds = {"tab:gray": "Hugging Face", "tab:blue": "ours, no draft (AR)", "tab:orange": "ours, chains",
+             "tab:green": "ours, trees", "tab:red": "ours, + exit stage"}
     colors = ["tab:gray" if e["kind"] != "engine" else ("tab:blue" if not e.get("k") else
               ("tab:green" if e.get("tree") else "tab:orange" if e.get("exit_layer") is None else "tab:red"))
               for e in entries]
@@ -108,10 +113,13 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     ax.set_xticks(range(len(vals)))
     ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("tokens/s (incl. prefill, mean of prompts)")
-    ax.set_title("speed (gray: Hugging Face, blue: ours AR, orange: ours chains, green: trees, red: + exit stage)")
+    ax.set_title("decode speed (dashed: HF generate at each T)")
+    # the colour key as a legend beside the axes, not in the title (a long title is cut at the figure's edge)
+    ax.legend(handles=[Patch(color=c, label=label) for c, label in kinds.items() if c in colors],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out / "speed.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     def nodes(e: dict) -> int:  # draft tokens the target verifies per round: K for a chain, the tree's size
@@ -139,6 +147,6 @@ def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "tau_vs_k.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
     return paths
