@@ -15,7 +15,7 @@ BACKENDS = ("torch", "triton")
 
 @dataclass
 class DecodeConfig:
-    """One decoding configuration (batch size 1 is exact; see README for B > 1).
+    """One decoding configuration (batch size 1 is exact; see docs/decoding.md for B > 1).
 
     temperature / top_k / top_p: the processing applied, by :func:`hsd.decode.sampling.process_logits`, to
         the target *and* to every drafter and exit head (T = 0: greedy, one-hot rows).
