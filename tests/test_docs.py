@@ -234,7 +234,7 @@ def test_python_snippets_import():
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"`|\*\*|\*|_(?=\w)|(?<=\w)_", lambda m: "_" if m.group() == "_" else "", heading.strip())
+    text = re.sub(r"[`*]", "", heading.strip())  # code and emphasis markers are not part of the text
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text).lower()
     return re.sub(r"\s", "-", re.sub(r"[^\w\- ]", "", text))
 
@@ -273,3 +273,4 @@ def test_slug_matches_github():
     assert slug("Serving path: `VerifyPlan` (one fused kernel launch per decode step)") == \
         "serving-path-verifyplan-one-fused-kernel-launch-per-decode-step"
     assert slug("1. API") == "1-api" and slug("τ on 56 prompts") == "τ-on-56-prompts"
+    assert slug("**Hard rule** for `exit_layers`") == "hard-rule-for-exit_layers"
