@@ -123,30 +123,34 @@ class KVState:
     keys/values of every entry so far (a view, no copy). ``crop(n, layers)`` sets lengths back (entries
     past a length are dead and get overwritten). Rows of a batch share lengths.
 
-    Buffers are allocated for ``(num_kv_heads, head_dim)``; a layer whose module writes other shapes (MLA
-    caches compressed latents: "keys" [B, 1, S, kv_lora_rank], "values" [B, 1, S, rope_dim]; families
-    with per-layer head sizes) gets buffers of its own shapes at its first write, while it is empty.
+    With ``num_kv_heads`` and ``head_dim`` the buffers are reserved here; with None (MLA: DeepSeek-V3
+    caches compressed latents, "keys" [B, 1, S, kv_lora_rank] and "values" [B, 1, S, qk_rope_head_dim])
+    each layer's buffers are allocated at its first write, in the shapes its module writes. A layer that
+    writes other shapes than its buffers' while empty gets new ones; while it holds entries, ValueError.
     """
 
     is_compileable = False  # read by some transformers helpers; this cache is never compiled as a whole
 
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, capacity: int,
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int | None, head_dim: int | None, capacity: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, num_kv_heads, int(capacity), head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = [0] * num_layers
         self.capacity = int(capacity)
+        self.lengths = [0] * num_layers
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        if num_kv_heads and head_dim:
+            shape = (batch, num_kv_heads, self.capacity, head_dim)
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def _fit(self, i: int, key: Tensor, value: Tensor) -> None:
-        """(Re)allocate layer ``i``'s buffers for the shapes its module writes (only while it is empty)."""
+        """Give layer ``i`` buffers of the shapes its module writes (allocated while the layer is empty)."""
         for bufs, x in ((self.keys, key), (self.values, value)):
             b = bufs[i]
             want = (x.shape[0], x.shape[1], self.capacity, x.shape[3])
-            if tuple(b.shape) != want or b.dtype != x.dtype or b.device != x.device:
+            if b is None or tuple(b.shape) != want or b.dtype != x.dtype or b.device != x.device:
                 if self.lengths[i]:
                     raise ValueError(f"KV cache: layer {i} holds {self.lengths[i]} entries of shape "
-                                     f"{tuple(b.shape)}, the layer now writes {tuple(x.shape)}")
+                                     f"{None if b is None else tuple(b.shape)}, the layer now writes {tuple(x.shape)}")
                 bufs[i] = torch.zeros(want, dtype=x.dtype, device=x.device)
 
     @property
@@ -186,8 +190,10 @@ class KVState:
         n = int(idx.numel())
         layers = layers if layers is not None else range(self.num_layers)
         if n and not torch.equal(idx.cpu(), torch.arange(n)):
-            src = start + idx.to(self.keys[0].device)
             for i in layers:
+                if self.keys[i] is None:  # never written: nothing to move
+                    continue
+                src = start + idx.to(self.keys[i].device)
                 self.keys[i][:, :, start:start + n] = self.keys[i].index_select(2, src)
                 self.values[i][:, :, start:start + n] = self.values[i].index_select(2, src)
         self.crop(start + n, layers)
@@ -362,6 +368,7 @@ class TargetRunner:
         self._rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma 3
         self._attn_configs = _attention_configs(self.layers, cfg)
         self._index_floor = _index_position_floor(cfg)
+        self._latent_cache = bool(getattr(cfg, "kv_lora_rank", None))  # MLA (DeepSeek-V2/V3)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.hidden_size = int(cfg.hidden_size)
@@ -385,6 +392,8 @@ class TargetRunner:
     def new_state(self, batch: int, capacity: int) -> KVState:
         if self.max_positions and capacity > self.max_positions + 1:
             capacity = self.max_positions + 1
+        if self._latent_cache:  # MLA: the layers' cache shapes are their own (allocated at first write)
+            return KVState(self.num_layers, batch, None, None, capacity, self.dtype, self.device)
         return KVState(self.num_layers, batch, self.num_kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
     def embeddings(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
