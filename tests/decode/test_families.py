@@ -218,6 +218,12 @@ def test_cli_refuses_before_any_baseline(tmp_path, monkeypatch, capsys):
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("error: target llama (sdpa attention, float32): the decode engine does not "
                              "reproduce this target's forward:") and "max |Δ log p|" in err[0]
+    # the same check by hand: python -m hsd.decode.target_check --target ...
+    assert check_mod.main(["--target", str(root / "target")]) == 2
+    monkeypatch.undo()
+    assert check_mod.main(["--target", str(root / "target"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "target check: llama (sdpa attention, float32): runner = HF forward" in out and '"ok": true' in out
 
 
 def test_training_and_export_warn_and_record(tmp_path, capsys):
