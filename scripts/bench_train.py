@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             c = cap.capture(target, ids, attn, layers=layers, logits=False, final_hidden=True)
             rows = ttt.teacher_rows(loss_mask, attn)
-            row_logits = cap.lm_head(target)(c.final_hidden[rows]).float()
+            row_logits = cap.output_logits(target, c.final_hidden[rows])
             state["features"] = torch.cat([c.hidden_states[i] for i in aux], -1)
             state["embeds"] = c.hidden_states[0]
             state["targets"] = ttt.build_targets(row_logits, rows, vocab)

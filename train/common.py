@@ -40,6 +40,7 @@ def load_target(cfg: Any, accelerator) -> tuple[nn.Module, Any]:
         raise ValueError(f"tokenizer of {cfg.target!r} has {len(tok)} tokens but the target's vocabulary is "
                          f"{vocab}: tokenizer/vocab mismatch")
     engine = dist_utils.prepare_frozen_target(accelerator, target, cfg)
+    check_engine_support(getattr(engine, "module", engine), cfg, accelerator)
     return getattr(engine, "module", engine), tok
 
 
@@ -48,6 +49,22 @@ def load_conversations(cfg: Any):
     conversations with an assistant turn. Tasks call it before the target loads, so that bad data is one line
     in seconds rather than after minutes of loading a large target. ValueError/OSError name the file."""
     return chat_data.load_conversations(list(cfg.data))
+
+
+def check_engine_support(target: nn.Module, cfg: Any, accelerator, say: Callable[[str], None] = print) -> None:
+    """Run the decode engine's self-check on the frozen target (`hsd.decode.target_check`, main process,
+    ~one forward over 64 tokens) and record it in `<output_dir>/target_check.json` for `export`. A target
+    the engine would refuse gets one warning line; training goes on (vLLM / SGLang may serve the head).
+    A ZeRO-3-partitioned target cannot be run layer by layer here: not checked (`decode` checks it)."""
+    if not accelerator.is_main_process or dist_utils.shards_target(accelerator, cfg):
+        return
+    from hsd.decode import target_check
+
+    res = target_check.check_target(target)
+    target_check.write_record(cfg.output_dir, res, cfg.target)
+    warning = target_check.engine_warning(res, "training goes on")
+    if warning:
+        say(warning)
 
 
 def load_rows(cfg: Any, tok, vocab: int, say: Callable[[str], None] = print,

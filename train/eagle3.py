@@ -294,7 +294,7 @@ class Eagle3Task(loop.TrainTask):
         c = cap.capture(self.target, ids, am, layers=self.capture_ids, logits=False, final_hidden=True)
         features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
         embeds = c.hidden_states[0]
-        parts = ttt.teacher_parts(cap.lm_head(self.target)(c.final_hidden[rows]), self.vocab)
+        parts = ttt.teacher_parts(cap.output_logits(self.target, c.final_hidden[rows]), self.vocab)
         if keys is not None:
             lengths, counts = am.sum(1).tolist(), rows.sum(1).tolist()
             start = 0
@@ -314,7 +314,7 @@ class Eagle3Task(loop.TrainTask):
         s = ids.shape[1]  # cached rows are whole conversations; the batch holds at most max_length of each
         aux, final = cached["aux_hidden"][:, :s].to(ids.device), cached["final_hidden"][:, :s].to(ids.device)
         embeds = self.target.get_input_embeddings()(ids)
-        parts = ttt.teacher_parts(cap.lm_head(self.target)(final[rows]), self.vocab)
+        parts = ttt.teacher_parts(cap.output_logits(self.target, final[rows]), self.vocab)
         return aux, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
 
     def _from_cache(self, keys: list[int], shape, rows: torch.Tensor):

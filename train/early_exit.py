@@ -322,7 +322,7 @@ class EarlyExitTask(loop.TrainTask):
         sel = next_token_positions(am, batch["loss_mask"])
         c = cap.capture(self.target, ids, am, layers=self.layers, logits=False, final_hidden=True)
         with torch.no_grad():
-            target_logits = cap.lm_head(self.target)(c.final_hidden[sel]).float()
+            target_logits = cap.output_logits(self.target, c.final_hidden[sel])
         return [c.hidden_states[layer] for layer in self.layers], sel, target_logits
 
     def _draft_ids(self, device) -> torch.Tensor | None:

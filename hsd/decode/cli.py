@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from .planner import plan
     from .prompts import DEFAULT_PROMPT_FILES, load_prompts
     from .report import plot_all, print_table
+    from .target import TargetRunner
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     if args.threads:
@@ -257,9 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             if layer not in models.exit_heads:
                 raise ValueError(f"--exit-layer {layer}: no exit head for it in {args.exit_head} "
                                  f"(found layers {sorted(models.exit_heads)})")
+        # the runner = the target's own forward, checked once (hsd.decode.target_check), before any baseline
+        # or configuration runs: a target the engine would decode wrongly is refused here, in one line
+        check = TargetRunner(models.target, cpu_kernels=not args.no_cpu_kernels).check
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    console.print(check.line())
     if args.resume and not args.out_dir:
         print("error: --resume needs the --out-dir of the run to continue", file=sys.stderr)
         return 2
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_kernels": not args.no_cpu_kernels, "batch_size": 1, "draft_shape": "chain",
             "stage_clock": "process CPU time" if args.device == "cpu" else "wall",
             "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
-            "git_commit": _git_commit(), "load_average_start": _loadavg()}
+            "git_commit": _git_commit(), "load_average_start": _loadavg(), "target_check": check.as_dict()}
     if done:
         meta["resumed_configurations"] = sorted(done)  # measured by the interrupted run(s), not rerun
     results: dict[str, list] = {}

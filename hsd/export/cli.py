@@ -57,6 +57,35 @@ def _print_files(files: dict[str, int], header: str) -> None:
         print(f"  {name:<32} {size:>14,d} bytes")
 
 
+def engine_warning(head_dir: str, target: str | None) -> str | None:
+    """One warning line when the hsd decode engine will refuse the head's target, else None.
+
+    The decode engine's self-check (:mod:`hsd.decode.target_check`) as the training run recorded it
+    (``target_check.json`` near the head, for the same target); without a record, the check itself on the
+    loaded target. The export goes on either way: vLLM and SGLang run the target's own forward.
+    """
+    from hsd.decode import target_check
+    from hsd.export.source import read_head_folder
+
+    try:
+        src = read_head_folder(head_dir)
+    except ValueError:
+        return None  # export_head reports the bad folder
+    name = target or src.target_name
+    record = target_check.read_record(src.folder)
+    if record is not None and record.get("target") == name:
+        return target_check.engine_warning(record, "the export goes on")
+    if not name:
+        return None
+    try:
+        from hsd.models.resolve import load_target
+
+        model, _ = load_target(name, dtype="auto", device="cpu")
+    except (OSError, ValueError, RuntimeError) as err:
+        return f"note: the decode engine's check of target {name!r} did not run ({type(err).__name__}: {err})"
+    return target_check.engine_warning(target_check.check_target(model), "the export goes on")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the exporter; returns the process exit code (see the module docstring)."""
     from hsd.export import export_head
@@ -71,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.private or args.revision) and not args.push_to_hub:
         print("error: --private and --revision need --push-to-hub REPO_ID", file=sys.stderr)
         return 2
+    warning = engine_warning(args.head_dir, args.target)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         result = export_head(args.head_dir, None if args.dry_run else args.out, dtype=args.dtype, fmt=args.fmt,
                              target=args.target, target_hub_id=args.target_hub_id,

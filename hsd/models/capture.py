@@ -2,13 +2,19 @@
 
 Index convention (the one everything in hsd-train uses): hidden-state index ``j`` is Hugging Face's
 ``output_hidden_states`` index, i.e. the residual stream *entering* decoder layer ``j`` (0-based),
-which is the output of layer ``j - 1``; ``j = 0`` is the embedding output. This equals vLLM's
-"capture before layer j" ids for EAGLE-3 (``eagle_aux_hidden_state_layer_ids``), and an early exit
+which is the output of layer ``j - 1``; ``j = 0`` is the embedding output (``embed_tokens``'s output;
+Granite multiplies it by ``embedding_multiplier`` before layer 0, see :class:`OutputLaw`). This equals
+vLLM's "capture before layer j" ids for EAGLE-3 (``eagle_aux_hidden_state_layer_ids``), and an early exit
 "after layer l" (1-based count of layers run) reads index ``l``. Index ``N`` (= number of layers)
 is the *pre-norm* output of the last layer; the post-norm state that feeds the LM head is
 ``Captured.final_hidden``.
 
 Forward hooks keep just the requested layers instead of materialising every hidden state.
+
+The logits are the target's real output law (:func:`output_logits`): the LM head followed by what the
+family's ``*ForCausalLM.forward`` does after it (Gemma 2/3 final-logit softcapping, Granite's
+``logits_scaling``, Cohere's ``logit_scale``), so that teacher rows, early-exit ``p_l`` and the decode
+engine's target rows all have the law ``model(input_ids).logits`` has.
 """
 from __future__ import annotations
 
@@ -18,6 +24,67 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class OutputLaw:
+    """What a family computes around its decoder layers outside any module call.
+
+    embedding_multiplier: the stack's input is ``embed_tokens(ids) * m`` (Granite's ``embedding_multiplier``;
+    Gemma's sqrt(H) is inside its embedding module and needs nothing here). logit_scale: logits are
+    ``lm_head(x) * s`` (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``). final_softcap: logits
+    are then ``c * tanh(logits / c)`` (Gemma 2/3 ``final_logit_softcapping``). Every transform is
+    elementwise, so it commutes with selecting rows or vocabulary columns.
+    """
+
+    embedding_multiplier: float = 1.0
+    logit_scale: float = 1.0
+    final_softcap: float | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.embedding_multiplier == 1.0 and self.logit_scale == 1.0 and not self.final_softcap
+
+    def embeddings(self, e: torch.Tensor) -> torch.Tensor:
+        """embed_tokens output [..., H] -> the first layer's input [..., H]."""
+        return e if self.embedding_multiplier == 1.0 else e * self.embedding_multiplier
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """LM-head output [..., V] -> the model's logits [..., V] (same dtype)."""
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.final_softcap:
+            z = torch.tanh(z / self.final_softcap) * self.final_softcap
+        return z
+
+
+def text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def output_law(model: nn.Module) -> OutputLaw:
+    """The :class:`OutputLaw` of a Hugging Face causal LM, read from its (text) config.
+
+    Unknown families may do more; the decode engine's self-check (:mod:`hsd.decode.target_check`) compares
+    against the model's own forward and refuses a target whose law this does not reproduce.
+    """
+    cfg = text_config(model)
+    scale = 1.0
+    if getattr(cfg, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return OutputLaw(embedding_multiplier=float(getattr(cfg, "embedding_multiplier", None) or 1.0),
+                     logit_scale=scale, final_softcap=float(cap) if cap else None)
+
+
+def output_logits(model: nn.Module, final_hidden: torch.Tensor) -> torch.Tensor:
+    """Post-norm hidden states [..., H] -> the model's float32 logits [..., V]: the LM head, then the
+    family's output law (softcap / scaling), exactly as ``model(...).logits`` on those rows."""
+    z = lm_head(model)(final_hidden).float()
+    return output_law(model).logits(z)
 
 
 @dataclass
@@ -81,7 +148,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
             **forward_kwargs) -> Captured:
     """One frozen forward of ``model`` over ``input_ids`` [B, S], capturing ``layers`` by HF index.
 
-    ``logits`` are computed from the post-norm hidden state with the model's own LM head, in float32.
+    ``logits`` are the model's own (:func:`output_logits`: LM head + output law), in float32, from the
+    post-norm hidden state.
     Extra keyword arguments (``cache``, ``use_cache``, ``position_ids``…) go to the decoder stack.
     """
     wanted = validate_layers(model, layers)
@@ -110,7 +178,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     if final_hidden:
         cap.final_hidden = last.detach()
     if logits:
-        cap.logits = lm_head(model)(last).float()
+        cap.logits = output_logits(model, last)
     return cap
 
 

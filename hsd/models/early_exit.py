@@ -412,6 +412,7 @@ class EarlyExitHead(PreTrainedModel):
         if config.draft_vocab_size:
             self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self._borrowed: tuple[nn.Module, nn.Module] | None = None  # (final_norm, lm_head): not submodules
+        self._law = cap.OutputLaw()
         self._target_ref: list[nn.Module] = []
         self.post_init()
 
@@ -462,6 +463,7 @@ class EarlyExitHead(PreTrainedModel):
                              f"{cfg.hidden_size}/{cfg.vocab_size}")
         assert_frozen_target(target, cfg.exit_layer, head=self)
         self._borrowed = (cap.final_norm(target), cap.lm_head(target))
+        self._law = cap.output_law(target)  # softcap / logit scaling after the LM head: p_l has the target's law
         self._target_ref = [target]
         return self
 
@@ -504,16 +506,17 @@ class EarlyExitHead(PreTrainedModel):
 
     # -- forward ------------------------------------------------------------------------------------
     def output_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Target final norm + LM head (rows restricted to the draft vocab) on z [..., H] -> [..., V']."""
+        """Target final norm + LM head (rows restricted to the draft vocab) + the target's output law
+        (:func:`hsd.models.capture.output_law`: softcap, logit scaling) on z [..., H] -> [..., V']."""
         if self._borrowed is None:
             raise RuntimeError("no target attached: call head.attach_target(target) first")
         norm, head = self._borrowed
         x = norm(z.to(head.weight.dtype))
         if not self.config.draft_vocab_size:
-            return head(x)
+            return self._law.logits(head(x))
         ids = self.draft_vocab.target_ids
         bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
-        return F.linear(x, head.weight[ids], bias)
+        return self._law.logits(F.linear(x, head.weight[ids], bias))
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
