@@ -49,7 +49,13 @@ def reference() -> dict[str, torch.Tensor]:
 
 
 def same(got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    """Equal up to float32 summation order: the reference was computed on one machine, and CPUs differ in
+    their matmul kernels (an AVX2-only EPYC and an AMX Xeon give the same head numbers to ~4e-7, not bit
+    for bit). A changed format, weight mapping or formula moves these outputs by orders of magnitude more."""
+    if not got.dtype.is_floating_point:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
 def resaved_config(model, tmp_path) -> dict:
