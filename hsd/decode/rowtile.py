@@ -117,8 +117,7 @@ class TiledRunner(TargetRunner):
     def tree_exact(self) -> bool:
         """Whether a tree row equals the same row stepped as a chain on this runner (see the module notes):
         :func:`gap_invariant` for this tile, the target's attention shapes, dtype and device."""
-        heads = int(self.config.num_attention_heads)
-        return gap_invariant(self.rows, heads, self.num_kv_heads, self.head_dim, self.dtype, str(self.device))
+        return tree_exact_for(self.model, self.rows)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The LM head on exactly ``rows`` rows (pads dropped): one kernel for every row count."""
@@ -181,6 +180,16 @@ def pad_parents(parents: Tensor | None, batch: int, t: int, rows: int, past: int
         parents = torch.arange(-1, t - 1, device=device).expand(batch, t)
     return torch.cat([parents.to(device).long(), torch.full((batch, rows - t), -1, dtype=torch.long, device=device)],
                      dim=1)
+
+
+def tree_exact_for(model: nn.Module, rows: int) -> bool:
+    """:func:`gap_invariant` for a Hugging Face causal LM's attention shapes, dtype and device."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    w = next(model.parameters())
+    return gap_invariant(int(rows), heads, kv, head_dim, w.dtype, str(w.device))
 
 
 @functools.cache
