@@ -92,7 +92,8 @@ def make_head(target, dev, dtype, path: str | None):
     if path:
         return load_draft(path, target).to(dev, dtype).eval()
     torch.manual_seed(1)
-    head = Eagle3DraftModel(Eagle3Config.from_target(target.config, 4096)).to(dev, dtype)
+    head = Eagle3DraftModel(Eagle3Config.from_target(target.config, min(4096, int(target.config.vocab_size))))
+    head = head.to(dev, dtype)
     return head.attach_target(target).eval()
 
 

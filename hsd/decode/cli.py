@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     greedy_ref = results.get("T0/hf_generate") or results.get("T0/ar")
     if models.exit_heads and greedy_ref:
         report["exit_agreement"] = exit_agreement(models, prompts, greedy_ref)
-    report["planner"] = plan(entries)
+    report["planner"] = plan(entries, precision["decode"])
     report["meta"]["finished"] = timestamp()
     report["meta"]["load_average_end"] = _loadavg()
     json_path.write_text(json.dumps(report, indent=1, default=str))
@@ -477,8 +477,12 @@ def main(argv: list[str] | None = None) -> int:
             f"layer {k}: top-1 {v['top1_agreement']:.3f}, alpha(T=1) {v['alpha_T1']:.3f}"
             for k, v in report["exit_agreement"].items()))
     for t, b in report["planner"]["best"].items():
-        console.print(f"planner {t}: best predicted {b['name']}: {b['predicted_tokens_per_s']:.1f} tok/s "
-                      f"(x{b['predicted_speedup_vs_ar']:.2f} vs our AR)")
+        console.print(f"planner {t} ({precision['decode']} costs): best predicted {b['name']}: "
+                      f"{b['predicted_tokens_per_s']:.1f} tok/s (x{b['predicted_speedup_vs_ar']:.2f} vs our AR)")
+        cvt = report["planner"]["chain_vs_tree"].get(t) or {}
+        if cvt.get("chain") and cvt.get("tree"):
+            console.print(f"  chain vs tree: {cvt['chain']['name']} {1e3 / cvt['chain']['predicted_tpot_ms']:.1f} tok/s, "
+                          f"{cvt['tree']['name']} {1e3 / cvt['tree']['predicted_tpot_ms']:.1f} tok/s -> {cvt['choice']}")
     for row in report["planner"]["predicted_vs_measured"]:
         m = row["measured_tpot_ms"]
         console.print(f"  {row['name']}: predicted {1e3 / row['predicted_tpot_ms']:.1f} tok/s, measured "
