@@ -15,6 +15,9 @@ prints, medians of interleaved repetitions:
 * plain decoding: this engine without a drafter vs Hugging Face ``generate`` (time per token);
 * the row tile (``hsd.decode.rowtile``, batch-invariant passes): tiled passes of 1, K + 1 and tree-sized rows
   against the untiled 1-token step, in the precision of the run;
+* row invariance (``invariance``): one 6-row pass against six 1-row steps at the same positions, untiled and
+  with the row tile: rows bitwise equal, the largest logit difference, and the first hidden-state index where
+  each row differs (where a kernel's row-count dependence enters the model);
 * the draft tree's head steps: one ``propose_tree`` per shape of ``--draft-trees``, the time of each head step
   by depth (the root's feed, then one batched step per level) and the rest (ranking, masks).
 
@@ -46,6 +49,7 @@ def sync(dev: torch.device) -> None:
 
 
 CLOCK = {"clock": time.perf_counter, "stat": "min"}
+SECTIONS = ("layouts", "invariance", "tree_draft", "configs", "plain")
 
 
 def interleaved(fns: dict, reps: int, dev: torch.device) -> dict:
@@ -257,6 +261,35 @@ def bench_tree_draft(model, head, dev, args) -> dict:
     return out
 
 
+def bench_invariance(model, dev, args, rows: int = 6) -> dict:
+    """Untiled and tiled: a ``rows``-row pass vs ``rows`` 1-row steps over the same positions after a
+    ``--context`` prompt (random ids): per row, logits bitwise equal?, max |logit difference| and the first
+    hidden-state index (0 = embeddings) where the row differs."""
+    from hsd.decode.rowtile import TiledRunner
+    from hsd.decode.target import TargetRunner
+
+    v = int(model.config.vocab_size)
+    ids = torch.randint(0, v, (1, args.context + rows), generator=torch.Generator().manual_seed(6)).to(dev)
+    out = {}
+    for label, runner in (("untiled", TargetRunner(model, cpu_kernels=dev.type == "cpu")),
+                          (f"tile {args.row_tile}", TiledRunner(model, args.row_tile, cpu_kernels=dev.type == "cpu"))):
+        caps = tuple(range(runner.num_layers + 1))
+        st = runner.new_state(1, args.context + rows + 8)
+        runner.run(st, tokens=ids[:, :args.context])
+        many = runner.run(st, tokens=ids[:, args.context:], logit_rows=slice(None), capture=caps)
+        st = runner.new_state(1, args.context + rows + 8)
+        runner.run(st, tokens=ids[:, :args.context])
+        equal, diff, first = [], 0.0, []
+        for j in range(rows):
+            one = runner.run(st, tokens=ids[:, args.context + j:args.context + j + 1], logit_rows=slice(None),
+                             capture=caps)
+            equal.append(bool(torch.equal(many.logits[0, j], one.logits[0, 0])))
+            diff = max(diff, float((many.logits[0, j] - one.logits[0, 0]).abs().max()))
+            first.append(next((i for i in caps if not torch.equal(many.captured[i][0, j], one.captured[i][0, 0])), None))
+        out[label] = {"rows_equal": equal, "max_logit_diff": diff, "first_differing_hidden_index": first}
+    return out
+
+
 def bench_plain(model, stock, dev, args) -> dict:
     """Time per token of plain decoding: this engine (no drafter) on ``model`` vs HF generate on ``stock``
     (an untouched copy, as users run generate), same prompt, interleaved."""
@@ -335,6 +368,8 @@ def main(argv=None) -> int:
                     help="statistic of the interleaved repetitions (default min: the least disturbed sample)")
     ap.add_argument("--wall", action="store_true", help="time with the wall clock on the CPU too (default: "
                                                         "process CPU time there, robust to a shared machine)")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                    help="what to measure (default: everything)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -361,7 +396,7 @@ def main(argv=None) -> int:
         report["load_average"] = list(os.getloadavg())
     except OSError:
         pass
-    layouts = [False, True] if dev.type == "cpu" else [False]
+    layouts = ([False, True] if dev.type == "cpu" else [False]) if "layouts" in args.sections else []
     for ck in layouts:
         label = "engine (transposed linears + packed LM head)" if ck else "stock nn.Linear layout"
         r = bench_layout(model if ck else stock, make_head(model if ck else stock, dev, dtype, args.head) if not ck
@@ -379,19 +414,24 @@ def main(argv=None) -> int:
         rt = r["row_tile"]
         print(f"   row tile {rt['rows']} (batch-invariant passes) / untiled 1-token step: "
               + "  ".join(f"n={n}: {x:.2f}" for n, x in rt["pass_ratio"].items()))
-    report["tree_draft"] = bench_tree_draft(model, head, dev, args)
+    if "invariance" in args.sections:
+        report["invariance"] = bench_invariance(model, dev, args)
+        for label, r in report["invariance"].items():
+            print(f"\n== row invariance, {label}: 6-row pass vs 1-row steps: rows equal {r['rows_equal']}, max logit "
+                  f"difference {r['max_logit_diff']:.3g}, first differing hidden-state index {r['first_differing_hidden_index']}")
+    report["tree_draft"] = bench_tree_draft(model, head, dev, args) if "tree_draft" in args.sections else {}
     for shape, r in report["tree_draft"].items():
         print(f"\n== draft tree {shape}: {r['ms']:.2f} ms; head step by depth "
               + " ".join(f"{x:.2f}" for x in r["head_step_ms_by_depth"]) + f" ms; other {r['other_ms']:.2f} ms")
-    report["configs"] = bench_configs(model, head, dev, args)
+    report["configs"] = bench_configs(model, head, dev, args) if "configs" in args.sections else {}
     print("\n== decoding, per configuration (time per output token after the first; verify share of decode time):")
     for name, r in report["configs"].items():
         print(f"   {name}: {r['ms_per_token']:.2f} ms/token, tau {r['tau']:.2f}, verify {100 * (r['verify_share'] or 0):.2f} %")
     args.cpu_kernels_for_plain = dev.type == "cpu"
-    report["plain"] = bench_plain(model, stock, dev, args)
-    p = report["plain"]
-    print(f"\n== plain decoding: ours {p['ours_ms_per_token']:.2f} ms/token, HF generate "
-          f"{p['hf_generate_ms_per_token']:.2f} ms/token -> ours x{p['ours_vs_hf_speed']:.2f}")
+    if "plain" in args.sections:
+        report["plain"] = p = bench_plain(model, stock, dev, args)
+        print(f"\n== plain decoding: ours {p['ours_ms_per_token']:.2f} ms/token, HF generate "
+              f"{p['hf_generate_ms_per_token']:.2f} ms/token -> ours x{p['ours_vs_hf_speed']:.2f}")
     print(f"machine: {machine_line(machine)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -259,8 +259,9 @@ def decode_precision(models, args: argparse.Namespace, rows: int) -> dict[str, A
                              f"differently from the same row decoded as a chain ({name}, {args.device}); greedy trees "
                              "would not equal plain greedy decoding bit for bit (draft chains, or --row-tile off)")
     head = head_feature_dtype(args.head)
-    return {"decode": name, "hf_generate": str(next((models.stock_target or models.target).parameters()).dtype)
-            .removeprefix("torch."), "decision": decision, "row_tile": tile, "batch_invariant": tile is not None,
+    hf_model = models.stock_target if models.stock_target is not None else models.target
+    return {"decode": name, "hf_generate": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
+            "decision": decision, "row_tile": tile, "batch_invariant": tile is not None,
             "pass_rows": rows, "tree_exact": tree_exact, "head_features": head,
             "head_features_differ": head not in ("unknown", name), "float32_note": None if dtype != torch.float32 else
             "float32 passes are untiled unless --row-tile: rows of a multi-row pass can differ from 1-row steps in the "

@@ -43,5 +43,7 @@ def test_bench_decode_tiny_random_target(tmp_path, capsys):
     d = rep["tree_draft"]["2:3:5"]  # the root's feed + up to two batched level steps
     assert 1 <= len(d["head_step_ms_by_depth"]) <= 3 and d["ms"] >= sum(d["head_step_ms_by_depth"])
     assert rep["machine"]["cpu"] and rep["machine"]["precision"] == "float32"
+    assert rep["invariance"]["tile 24"]["rows_equal"] == [True] * 6  # the tile: every row as its 1-row step
+    assert len(rep["invariance"]["untiled"]["first_differing_hidden_index"]) == 6
     printed = capsys.readouterr().out
     assert "plain decoding: ours" in printed and printed.count("machine: ") == 2
