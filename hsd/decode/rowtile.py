@@ -30,11 +30,12 @@ with a tile where the probe fails (one line: use chains, or ``row_tile="off"`` w
 
 Passes longer than the tile (a prompt's prefill) run as one pass: every decoding run of a prompt starts
 with the same prefill call, so its rows are identical in the runs that are compared. A decoding
-configuration whose passes would exceed the tile is refused before it starts (``check_rows``).
+configuration whose passes would exceed the tile is refused before it starts (:func:`resolve_row_tile`,
+``SpeculativeDecoder.generate``).
 
-Cost: the pad rows' compute (zero where a pass is memory-bound, as on a GPU or with AMX; on this AVX2 CPU
-an fp32 8-row pass costs ~1.7x a 1-row step, which is why ``auto`` leaves fp32 untiled, see
-:func:`resolve_row_tile`).
+Cost: the pad rows' compute and attention over the whole cache (small where a pass is memory-bound, as on a
+GPU or with AMX; on this AVX2 CPU an fp32 tiled step costs ~2x an untiled 1-row step, which is why ``auto``
+leaves fp32 untiled; ``docs/decoding_speed.md`` has the measured costs).
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def tile_for(rows: int) -> int:
 def resolve_row_tile(setting: int | str | None, dtype: torch.dtype, rows: int) -> int | None:
     """``setting`` -> the tile (rows per pass) or None (untiled).
 
-    "auto": untiled in float32 (this project's CPUs show no fp32 divergence at the margins that occur, and the
-    pad rows cost 1.4-1.7x per step on an AVX2 CPU; ``docs/decoding_speed.md``), else :func:`tile_for`
+    "auto": untiled in float32 (fp32 rows differ only in the last bits, logits ~1e-5 relative, while the tile
+    costs ~2x per step on an AVX2 CPU; ``docs/decoding_speed.md``), else :func:`tile_for`
     ``(rows)``, where ``rows`` is the largest pass the decoding configurations make. "off" / None / 0:
     untiled. An int: that tile (>= ``rows``)."""
     if setting is None or setting == "off" or setting == 0:
