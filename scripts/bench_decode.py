@@ -110,7 +110,9 @@ def bench_layout(model, head, dev, args, cpu_kernels: bool) -> dict:
         verify_tree_draft,
     )
 
-    dec = SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=cpu_kernels), cpu_kernels=cpu_kernels)
+    # untiled: the raw pass costs (the row tile's are measured below, against these)
+    dec = SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=cpu_kernels), cpu_kernels=cpu_kernels,
+                             row_tile=args.engine_row_tile)
     runner = dec.runner
     ctx = args.context
     v = runner.vocab_size
@@ -298,7 +300,7 @@ def bench_plain(model, stock, dev, args) -> dict:
     v = int(model.config.vocab_size)
     ids = torch.randint(0, v, (1, args.context), generator=torch.Generator().manual_seed(2)).to(dev)
     n = args.plain_tokens
-    dec = SpeculativeDecoder(model, cpu_kernels=args.cpu_kernels_for_plain)
+    dec = SpeculativeDecoder(model, cpu_kernels=args.cpu_kernels_for_plain, row_tile=args.engine_row_tile)
     cfg = DecodeConfig(max_new_tokens=n, eos_token_id=[])
 
     def ours():
@@ -322,8 +324,10 @@ def bench_configs(model, head, dev, args) -> dict:
     ids = torch.randint(0, v, (1, args.context), generator=torch.Generator().manual_seed(3)).to(dev)
     ck = dev.type == "cpu"
     clock = CLOCK["clock"]
-    decs = {"none": SpeculativeDecoder(model, NoDrafter(), cpu_kernels=ck, stage_clock=clock),
-            "eagle3": SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=ck), cpu_kernels=ck, stage_clock=clock)}
+    tile = args.engine_row_tile
+    decs = {"none": SpeculativeDecoder(model, NoDrafter(), cpu_kernels=ck, stage_clock=clock, row_tile=tile),
+            "eagle3": SpeculativeDecoder(model, Eagle3Drafter(head, cpu_kernels=ck), cpu_kernels=ck, stage_clock=clock,
+                                         row_tile=tile)}
     out = {}
     for temp in (0.0, 1.0):
         confs = [("ar", "none", 0, "auto")]
@@ -361,6 +365,9 @@ def main(argv=None) -> int:
                                                                           "head steps are timed by depth")
     ap.add_argument("--row-tile", type=int, default=0, help="rows of the tiled passes measured (default: the "
                                                             "largest --trees size + 1, rounded up to 8)")
+    ap.add_argument("--engine-row-tile", default="off", help="row tile of the engine in the other sections (default "
+                                                             "off: the raw costs; a number: that tile, for configs "
+                                                             "and plain decoding in the exact mode)")
     ap.add_argument("--methods", nargs="+", default=["tokenwise", "blockwise", "hsd"])
     ap.add_argument("--backends", nargs="+", default=None, help="default: torch (+ triton on a GPU)")
     ap.add_argument("--threads", type=int, default=0)
