@@ -38,8 +38,10 @@ def test_gpu_check_cpu_dry_run(tmp_path, capsys, monkeypatch):
     assert status == {"kernels": "CPU", "verify_graph": "CPU", "decode_float32": "PASS", "decode_bfloat16": "PASS",
                       "bench_verify": "INFO", "bench_decode": "PASS", "train_bf16": "PASS"}
     bf16 = next(c for c in rep["checks"] if c["name"] == "decode_bfloat16")["figures"]
-    assert bf16["row_tile"] == 24 and bf16["tree_exact"] and set(bf16["speculative_equals_plain"]) == {
-        "lookup", "eagle3-chain", "eagle3-tree"}
+    # trees run tiled only where the gap probe passes (else the summary says they did not)
+    assert bf16["row_tile"] == 24 and set(bf16["speculative_equals_plain"]) == {"lookup", "eagle3-chain"} | (
+        {"eagle3-tree"} if bf16["tree_exact"] else set())
+    assert bf16["tree_exact"] or "trees not run" in printed
     assert rep["machine"]["cpu"] and not rep["failed"] and "all checks passed" in printed
     assert all(name in printed.split("=" * 100)[-1] for name in status)  # one table, every check in it
 

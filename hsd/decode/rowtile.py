@@ -24,7 +24,8 @@ Trees. In a tree pass a node's ancestors are not contiguous in the keys (earlier
 between them, masked), while plain decoding has the committed path contiguous. The tile fixes the number
 of query rows, not where a row's visible keys sit; an attention kernel whose reductions over keys group
 entries by their index (vector lanes, warp shuffles) can round such a row differently. Measured here: the
-bf16 CPU kernel is invariant to masked gaps, the fp32 one is not. :meth:`TiledRunner.tree_exact` probes the
+bf16 CPU flash kernel is invariant to masked gaps except where the tree straddles one of its 512-key blocks,
+the fp32 one is not invariant at all. :meth:`TiledRunner.tree_exact` probes the
 runner's attention with the target's head shapes on its device (cached), and the engine refuses greedy trees
 with a tile where the probe fails (one line: use chains, or ``row_tile="off"`` without the exactness claim).
 
@@ -39,12 +40,50 @@ leaves fp32 untiled; ``docs/decoding_speed.md`` has the measured costs).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import Tensor, nn
 
-from .target import KVState, PassOutput, TargetRunner, gqa_sdpa
+from . import target as target_mod
+from .target import KVState, PassOutput, TargetRunner, tree_mask
+
+TILED_ATTENTION = "hsd_tiled"
+
+
+def runner_attention_fn():
+    """The runner's own attention function (the one its ``_attention`` context installs)."""
+    return getattr(target_mod, "runner_attention", None) or target_mod.gqa_sdpa
+
+
+def tiled_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *args,
+                    **kwargs):
+    """The runner's attention over the whole cache (:class:`FullKVState` returns ``capacity`` keys): the
+    runner's mask [B, 1, T, past + T] is widened with hidden keys; None (a prefill from an empty cache)
+    becomes the explicit causal mask over the first T keys."""
+    t, s = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        if t == 1:
+            raise RuntimeError("tiled attention: a 1-row pass without a mask (tiles have >= 2 rows)")
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril()[None, None]
+        attention_mask = attention_mask.expand(query.shape[0], 1, t, s)
+    else:
+        attention_mask = _widen(attention_mask, s)
+    return runner_attention_fn()(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _register() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(TILED_ATTENTION, tiled_attention)
+        return True
+    except (ImportError, AttributeError):  # pragma: no cover - transformers without the interface
+        return False
+
+
+_HAS_INTERFACE = _register()
 
 TILE_ALIGN = 8  # tiles are multiples of this (kernels block rows by 4-16)
 
@@ -69,8 +108,8 @@ def resolve_row_tile(setting: int | str | None, dtype: torch.dtype, rows: int) -
         setting = int(setting)
     if isinstance(setting, bool) or not isinstance(setting, int):
         raise ValueError(f"row_tile: expected 'auto', 'off' or a number of rows, got {setting!r}")
-    if setting < 1:
-        raise ValueError(f"row_tile: must be >= 1 rows, got {setting!r}")
+    if setting < 2:
+        raise ValueError(f"row_tile: must be >= 2 rows, got {setting!r}")
     if int(setting) < rows:
         raise ValueError(f"row_tile {setting}: the decoding configuration makes passes of {rows} rows; the tile "
                          f"must hold them (row_tile >= {rows})")
@@ -96,9 +135,9 @@ class TiledRunner(TargetRunner):
     """
 
     def __init__(self, model: nn.Module, rows: int, cpu_kernels: bool = True):
+        if int(rows) < 2:
+            raise ValueError(f"row tile: must be >= 2 rows, got {rows}")
         super().__init__(model, cpu_kernels=cpu_kernels)
-        if int(rows) < 1:
-            raise ValueError(f"row tile: must be >= 1 rows, got {rows}")
         self.rows = int(rows)
 
     def new_state(self, batch: int, capacity: int) -> FullKVState:
@@ -108,12 +147,22 @@ class TiledRunner(TargetRunner):
         return FullKVState(self.num_layers, batch, self.num_kv_heads, self.head_dim, state.capacity + self.rows,
                            self.dtype, self.device)
 
-    # The base runner's masks cover the keys written so far; here they cover the whole cache (FullKVState).
-    def _chain_mask(self, past: int, t: int, device) -> Tensor:
-        return _widen(TargetRunner._chain_mask(past, t, device), self._keys)
-
-    def _tree_mask(self, past: int, parents: Tensor) -> Tensor:
-        return _widen(TargetRunner._tree_mask(past, parents), self._keys)
+    @contextlib.contextmanager
+    def _attention(self):
+        """The runner's attention context, then :func:`tiled_attention` on top of it: the runner's masks
+        cover the keys written so far, the keys here are the whole cache (``FullKVState``)."""
+        if not _HAS_INTERFACE:  # pragma: no cover
+            raise RuntimeError("row tiles need transformers' AttentionInterface")
+        configs = getattr(self, "_attn_configs", None) or [self.config]
+        with super()._attention():
+            saved = [(c, c._attn_implementation_internal) for c in configs]
+            for c, _ in saved:
+                c._attn_implementation_internal = TILED_ATTENTION
+            try:
+                yield
+            finally:
+                for c, value in saved:
+                    c._attn_implementation_internal = value
 
     def tree_exact(self) -> bool:
         """Whether a tree row equals the same row stepped as a chain on this runner (see the module notes):
@@ -134,7 +183,6 @@ class TiledRunner(TargetRunner):
             logit_rows: Tensor | slice | None = None, capture: tuple[int, ...] = ()) -> PassOutput:
         if not isinstance(state, FullKVState):
             raise TypeError("TiledRunner.run: the state must come from this runner's new_state (a FullKVState)")
-        self._keys = state.capacity
         x = tokens if tokens is not None else hidden
         if x is None or (tokens is not None and hidden is not None):
             return super().run(state, tokens=tokens, hidden=hidden, start=start, end=end, parents=parents,
@@ -195,14 +243,18 @@ def tree_exact_for(model: nn.Module, rows: int) -> bool:
 
 @functools.cache
 def gap_invariant(rows: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str,
-                  pasts: tuple[int, ...] = (3, 40, 130, 300)) -> bool:
+                  pasts: tuple[int, ...] | None = None) -> bool:
     """Does the runner's attention give every tree row the same bits as the same row in a chain pass?
 
-    Random queries/keys of the target's shapes (float32 draws cast to ``dtype``) after contexts of a few
-    lengths; a ``rows``-node tree (copies of a 6-node pattern that puts masked siblings between a node's
+    Random queries/keys of the target's shapes (float32 draws cast to ``dtype``, three per context) after
+    contexts that put the tree across every power-of-two key block from 64 to 1024 (kernels split the keys into such blocks; the CPU
+    flash kernel's are 512 wide, and a tree straddling a block boundary is where its rows differ) and one
+    short context; a ``rows``-node tree (copies of a 6-node pattern that puts masked siblings between a node's
     ancestors) against, for each node, a chain pass with its ancestors contiguous after the prefix; both with
-    the same number of keys (more than written, as a :class:`FullKVState` gives) and the runner's masks. True
-    when every node's row is bitwise equal."""
+    the same number of keys (more than written, as a :class:`FullKVState` gives) and the runner's attention.
+    True when every node's row is bitwise equal."""
+    if pasts is None:  # three random draws per context: a rounding difference shows on some data only
+        pasts = (3, *(block - rows // 2 for block in (64, 128, 256, 512, 1024) for _ in range(3)))
     g = torch.Generator().manual_seed(0)
     pattern = [-1, 0, -1, 1, 2, 3]
     par = [p if p < 0 else p + 6 * (i // 6) for i, p in enumerate(pattern * (rows // 6 + 1))][:rows]
@@ -214,21 +266,26 @@ def gap_invariant(rows: int, heads: int, kv_heads: int, head_dim: int, dtype: to
         paths.append(path[::-1])
     parents = torch.tensor([par], device=device)
     scale = head_dim ** -0.5
+    attend = runner_attention_fn()
     for past in pasts:
         keys = past + rows + 29
+
+        def mask(new: Tensor, past: int = past, keys: int = keys) -> Tensor:  # [rows, rows] new -> [1, 1, rows, keys]
+            full = torch.cat([torch.ones(rows, past, dtype=torch.bool, device=device), new], dim=-1)
+            return _widen(full[None, None], keys)
+
         q = 2 * torch.randn(1, heads, rows, head_dim, generator=g)
         k = torch.randn(1, kv_heads, keys, head_dim, generator=g)
         v = torch.randn(1, kv_heads, keys, head_dim, generator=g)
         q, k, v = (x.to(device=device, dtype=dtype) for x in (q, k, v))
-        out_tree, _ = gqa_sdpa(None, q, k, v, _widen(TargetRunner._tree_mask(past, parents), keys), scaling=scale)
-        chain_mask = _widen(TargetRunner._chain_mask(past, rows, device), keys)
+        out_tree, _ = attend(None, q, k, v, mask(tree_mask(parents)[0]), scaling=scale)
+        chain_mask = mask(torch.ones(rows, rows, dtype=torch.bool, device=device).tril())
         for j, path in enumerate(paths):
             idx = list(range(past)) + [past + a for a in path]
             idx = torch.tensor(idx + [0] * (keys - len(idx)), device=device)
             qc = q.clone()
             qc[:, :, len(path) - 1] = q[:, :, j]
-            out_chain, _ = gqa_sdpa(None, qc, k.index_select(2, idx), v.index_select(2, idx), chain_mask,
-                                    scaling=scale)
+            out_chain, _ = attend(None, qc, k.index_select(2, idx), v.index_select(2, idx), chain_mask, scaling=scale)
             if not torch.equal(out_tree[:, j], out_chain[:, len(path) - 1]):
                 return False
     return True

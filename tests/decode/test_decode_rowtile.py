@@ -73,7 +73,10 @@ def test_tiled_rows_equal_one_row_steps(dtype):
     tree = torch.tensor([[-1, 0, 0, 1, -1, 4, 2, 6, 3]])
     rows = equal_rows(*rows_vs_steps(runner, x, parents=tree))
     assert rows[:2] == [True, True]  # nodes whose ancestors are contiguous
-    assert all(rows) == runner.tree_exact() == (dtype == torch.bfloat16)
+    if runner.tree_exact():  # the probe's yes: every tree row equals its path's steps
+        assert all(rows)
+    if dtype == torch.float32:  # its no, where the fp32 kernel rounds gapped rows differently (this CPU class)
+        assert not all(rows) and not runner.tree_exact()
     # the caches hold exactly the real rows, and the outputs cover only them
     st = runner.new_state(1, 40)
     out = runner.run(st, tokens=x[:, :5], logit_rows=slice(1, 3), capture=(0, 2))
@@ -155,7 +158,12 @@ def speculative_runs(t, ids, ref, tile):
     for drafter, es, cfg in runs:
         if es is not None:
             es.head.to(torch.bfloat16)
-        out.append(decode(SpeculativeDecoder(t, drafter, es, row_tile=tile, cpu_kernels=False), ids, cfg))
+        dec = SpeculativeDecoder(t, drafter, es, row_tile=tile, cpu_kernels=False)
+        if cfg.tree and tile != "off" and not dec.runner.tree_exact():  # refused where the gap probe fails
+            with pytest.raises(ValueError, match="greedy trees would not equal"):
+                dec.generate(ids, config=cfg)
+            continue
+        out.append(decode(dec, ids, cfg))
     return out
 
 
@@ -178,7 +186,7 @@ def test_bf16_speculative_greedy_equals_plain_greedy():
         if exact:
             assert all(torch.equal(out, ref) for out, _ in runs)
             assert all(caches), caches
-            assert sum(len(s) for _, s in runs) < 5 * N * 0.8  # drafts were accepted: passes carried many rows
+            assert sum(len(s) for _, s in runs) < len(runs) * N * 0.8  # drafts were accepted: passes carried many rows
         else:
             assert not all(caches), caches
 
@@ -188,7 +196,7 @@ def test_row_tile_setting():
     assert resolve_row_tile("auto", torch.bfloat16, 17) == 24 == tile_for(17)
     assert resolve_row_tile("auto", torch.float16, 4) == 8
     assert resolve_row_tile(32, torch.float32, 17) == 32 and resolve_row_tile("off", torch.bfloat16, 4) is None
-    for bad, msg in ((8, "row_tile >= 17"), ("big", "expected 'auto'"), (0.5, "expected"), (-1, ">= 1")):
+    for bad, msg in ((8, "row_tile >= 17"), ("big", "expected .auto."), (0.5, "expected"), (-1, ">= 2"), (1, ">= 2")):
         with pytest.raises(ValueError, match=msg):
             resolve_row_tile(bad, torch.bfloat16, 17)
     t = fx.target("llama", vocab=V)
