@@ -152,9 +152,12 @@ class Models:
 
 class Evaluator:
     def __init__(self, models: Models, max_new_tokens: int = 128, seed: int = 0, cpu_kernels: bool = True,
-                 stage_clock: Callable[[], float] = time.perf_counter, row_tile: int | None = None):
+                 stage_clock: Callable[[], float] = time.perf_counter, row_tile: int | None = None,
+                 untiled_greedy_trees: bool = False):
         self.m = models
         self.row_tile = row_tile  # one tile for every engine configuration (hsd.decode.rowtile): None = untiled
+        # greedy trees where the gap probe says the tile cannot make them exact: run untiled (flagged in the entry)
+        self.untiled_greedy_trees = untiled_greedy_trees
         self.stage_clock = stage_clock
         self.max_new_tokens = max_new_tokens
         self.seed = seed
@@ -168,8 +171,14 @@ class Evaluator:
         self.eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])} if eos is not None else set()
         self.pad_id = tok.pad_token_id
 
+    def tile_of(self, spec: RunSpec) -> int | None:
+        """The row tile a configuration decodes with (None: untiled)."""
+        if self.untiled_greedy_trees and spec.tree is not None and spec.temperature == 0:
+            return None
+        return self.row_tile
+
     def decoder(self, spec: RunSpec) -> SpeculativeDecoder:
-        key = (spec.drafter, spec.exit_layer)
+        key = (spec.drafter, spec.exit_layer, self.tile_of(spec))
         if key not in self._decoders:
             m, ck = self.m, self.cpu_kernels
             if spec.drafter == "eagle3":
@@ -190,7 +199,7 @@ class Evaluator:
                     raise ValueError(f"no exit head for layer {spec.exit_layer} (have {sorted(m.exit_heads)})")
                 es = ExitStage(m.exit_heads[spec.exit_layer], int(m.target.config.num_hidden_layers), cpu_kernels=ck)
             self._decoders[key] = SpeculativeDecoder(m.target, drafter, es, cpu_kernels=ck,
-                                                     stage_clock=self.stage_clock, row_tile=self.row_tile or "off")
+                                                     stage_clock=self.stage_clock, row_tile=self.tile_of(spec) or "off")
         return self._decoders[key]
 
     def _one(self, spec: RunSpec, ids: list[int], seed: int, max_new: int | None = None) -> tuple[list[int], DecodeStats]:

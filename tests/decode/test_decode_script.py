@@ -221,3 +221,33 @@ def test_first_divergences_and_their_margins(tmp_path):
         top = torch.topk(t(torch.tensor([ids])).logits[0, -1].float(), 2)
     assert margins[("a", 0, 2)]["margin"] == float(top.values[0] - top.values[1]) >= 0
     assert margins[("a", 0, 2)]["top2"] == top.indices.tolist() and ("b", 1, 2) in margins
+
+
+def test_row_tile_in_the_cli(tmp_path, capsys):
+    """--row-tile: chains decode tiled and equal this engine's plain greedy decoding; where the gap probe says
+    the tile cannot make trees exact (fp32 on this CPU class), greedy trees run untiled, flagged in the meta, in
+    the entry and in a warning line."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.eagle3_head(t, scale=0.05).save_pretrained(tmp_path / "head")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "g0", "source": "gsm8k", "messages": [{"role": "user", "content": "one two"}]})
+                       + "\n")
+    out = tmp_path / "out"
+    assert main(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--prompts", str(prompts),
+                 "--max-new-tokens", "5", "--k", "2", "--temperature", "0", "--tree", "2:2:3", "--no-lookup",
+                 "--row-tile", "8", "--no-plots", "--out-dir", str(out)]) == 0
+    rep = json.loads((out / "decode.json").read_text())
+    prec = rep["meta"]["precision"]
+    assert prec["row_tile"] == 8 and prec["tree_exact"] is False and prec["greedy_trees_untiled"]
+    tile = {e["name"]: e.get("row_tile") for e in rep["runs"] if e["kind"] == "engine"}
+    assert tile == {"T0/ar": 8, "T0/eagle3-k2-greedy": 8, "T0/eagle3-tree2x2n3-greedy": None}
+    chain = next(e for e in rep["runs"] if e["name"] == "T0/eagle3-k2-greedy")
+    assert chain["exact_match"] == 1.0
+    assert "greedy trees run untiled" in capsys.readouterr().out
+    assert main(["--row-tile", "3", "--k", "3", "--no-hf", "--target", str(root / "target")]) == 2
+    assert "row_tile >= 4" in capsys.readouterr().err
