@@ -38,8 +38,15 @@ run: install
 demo: install
 	$(BIN)/python -m hsd.verify --demo
 
+# Everything that needs a GPU, in one run (about 5-8 min on one H100): the CUDA kernels against torch, VerifyPlan
+# graph capture/replay, the decode engine in fp32 and bf16 (speculative greedy = plain greedy bit for bit; agreement
+# with HF generate), bench_verify against the memory roofline, bench_decode and a 20-step bf16 training run. One
+# table; JSON in runs/gpu_check/; exit status 1 when a check fails. Extra arguments: GPU_CHECK_ARGS="--head DIR".
+gpu-check: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
 test: install speculators-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-.PHONY: install speculators-env run demo test
+.PHONY: install speculators-env run demo gpu-check test

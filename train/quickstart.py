@@ -262,8 +262,8 @@ RESULTS_HEADING = "## Results (generated from decode/decode.json)"  # report.md;
 
 def results_table(entries: list[dict]) -> list[str]:
     """Markdown rows, one per decode configuration, from ``decode.json``'s ``runs``."""
-    rows = ["| configuration | T | K / tree | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| configuration | T | K / tree | verifier | exit layer | τ | tok/s | × HF generate | exact match (T=0) "
+            "| = HF generate (T=0) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         if e.get("tree"):  # the verify_tree method the run's method maps to (greedy / rrs / weighted)
             verifier = DecodeConfig(temperature=e["temperature"], method=e["method"], tree=e["tree"]).tree_method
@@ -271,7 +271,8 @@ def results_table(entries: list[dict]) -> list[str]:
             verifier = e.get("method") if e.get("kind") == "engine" and e.get("k") else ""
         rows.append(f"| `{e['name']}` | {e['temperature']:g} | {e.get('tree') or e.get('k') or ''} | {verifier or ''} | "
                     f"{e.get('exit_layer') or ''} | {_fmt(e.get('tau'))} | {_fmt(e.get('tokens_per_s_macro'), '.1f')} | "
-                    f"{_fmt(e.get('speedup_vs_generate'))} | {_fmt(e.get('exact_match'))} |")
+                    f"{_fmt(e.get('speedup_vs_generate'))} | {_fmt(e.get('exact_match'))} | "
+                    f"{_fmt(e.get('exact_match_vs_generate'))} |")
     return rows
 
 
@@ -280,6 +281,33 @@ def best_head_entry(entries: list[dict], temperature: float) -> dict | None:
     heads = [e for e in entries if e["name"].split("/")[-1].startswith("eagle3") and e["temperature"] == temperature
              and not e.get("exit_layer")]
     return max(heads, key=lambda e: e.get("tau") or 0.0, default=None)
+
+
+def headline_lines(decode: dict) -> list[str]:
+    """The report's first lines: the measured speed-up against HF generate in the same precision, and which
+    precision decoded and why (``decode.json``'s meta)."""
+    entries = decode["runs"]
+    prec = decode.get("meta", {}).get("precision") or {}
+    out = []
+    for temp in sorted({e["temperature"] for e in entries}):
+        best = max((e for e in entries if e["temperature"] == temp and e.get("kind") == "engine"
+                    and e.get("speedup_vs_generate")), key=lambda e: e["speedup_vs_generate"], default=None)
+        if best:
+            out.append(f"**T = {temp:g}: x{best['speedup_vs_generate']:.2f} vs HF generate** ({best['name']}, "
+                       f"{best['tokens_per_s_macro']:.1f} tok/s; HF generate in the same precision, "
+                       f"{prec.get('hf_generate', '?')})")
+    if prec:
+        tile = prec.get("row_tile")
+        out.append(f"Precision: decode {prec.get('decode')} ({(prec.get('decision') or {}).get('reason')}); row tile "
+                   + (f"{tile} (greedy speculative = plain greedy bit for bit)" if tile else "off")
+                   + f"; the head was trained on {prec.get('head_features', 'unknown')} target features"
+                   + (" (differs from the decode precision)" if prec.get("head_features_differ") else "") + ".")
+    machine = decode.get("meta", {}).get("machine")
+    if machine:
+        from hsd.machine import machine_line
+
+        out.append(f"Machine: {machine_line(machine)}.")
+    return out
 
 
 def summary_lines(entries: list[dict], export_dir: Path, head_dir: Path, report: Path) -> list[str]:
@@ -318,7 +346,7 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
     entries = decode["runs"]
     meta = decode.get("meta", {})
     plots = sorted(path.parent.glob("decode/*.png"))
-    lines = ["# Main job report", "",
+    lines = ["# Main job report", "", *[ln + "  " for ln in headline_lines(decode)], "",
              f"Target `{meta.get('target')}`, prompts {meta.get('prompts')}, {meta.get('max_new_tokens')} new tokens, "
              f"{meta.get('torch_threads')} torch thread(s), started {meta.get('started')}, "
              f"finished {meta.get('finished')}.", "",
@@ -379,7 +407,7 @@ def readme_block(out: Path) -> list[str]:
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: run the main job (make run / hsd-train quickstart) first")
     lines = report.read_text().splitlines()
-    header = lines[2] if len(lines) > 2 else ""
+    header = next((ln for ln in lines if ln.startswith("Target ")), "")
     machine = next((ln for ln in lines if ln.startswith(MACHINE_PREFIX)), None)
     try:
         start = lines.index(RESULTS_HEADING) + 2
@@ -462,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"[4/5] {commands['4. decode']}")
     continued, decode = decode_stage(dargv, out / "decode", resume=all(reused) and export_reused)
     notes["4. decode"] = "continued (finished configurations reused)" if continued else "ran"
+    for line in headline_lines(decode)[-3:]:
+        if line.startswith(("Precision", "Machine")):
+            say(f"      {line}")
     report = out / "report.md"
     whole = ["--config", args.config, "--output-dir", str(out), *args.overrides]
     commands["5. report (the whole job)"] = "hsd-train quickstart " + shlex.join(whole)

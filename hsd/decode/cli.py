@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=1, help="runs of every configuration (tok/s mean +- std)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (default: the measured decision of hsd.precision: bf16 "
+                                                    "where it is faster on this device), float32, bfloat16, float16; "
+                                                    "HF generate runs in the same precision")
+    ap.add_argument("--row-tile", default="auto",
+                    help="rows every decoding pass is padded to, so that greedy speculative output equals this engine's "
+                         "plain greedy output bit for bit (hsd.decode.rowtile): auto (off in float32, else the grid's "
+                         "largest pass rounded up to 8), off, or a number")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-cpu-kernels", action="store_true", help="keep the target's weight layout (hsd.decode.cpu)")
     ap.add_argument("--json", help="JSON output path (default: <out-dir>/decode.json)")
@@ -219,6 +225,96 @@ def load_partial(out_dir: Path, args: argparse.Namespace) -> dict[str, tuple[lis
     return out
 
 
+def specs_rows(args: argparse.Namespace, models) -> int:
+    """The most rows one target pass of the grid carries (chains k + 1, trees nodes + 1, exit windows)."""
+    rows = [k + 1 for k in args.k] or [1]
+    if models.exit_heads or args.exit_layer:
+        rows += [k + 1 + args.exit_window for k in args.k]
+    rows += [TreeSpec.parse(t).total_tokens + 1 for t in args.tree]
+    return max(rows)
+
+
+def decode_precision(models, args: argparse.Namespace, rows: int) -> dict[str, Any]:
+    """What precision decodes and why, the row tile, whether greedy trees are exact with it (where the gap probe
+    says no they run untiled, flagged), and the head's training feature precision; ValueError (one line) for a
+    tile that cannot hold the grid."""
+    import torch
+
+    from hsd.precision import precision_probe
+
+    from .loading import head_feature_dtype
+    from .rowtile import resolve_row_tile, tree_exact_for
+
+    dtype = next(models.target.parameters()).dtype
+    name = str(dtype).removeprefix("torch.")
+    if args.dtype == "auto":
+        probe = precision_probe(args.device)
+        decision = {"setting": "auto", **probe.as_dict()}
+    else:
+        decision = {"setting": args.dtype, "reason": f"set by --dtype {args.dtype}"}
+    tile = resolve_row_tile(args.row_tile, dtype, rows)
+    tree_exact = None
+    if tile is not None and args.tree:
+        # the gap probe: can the tile make a tree row equal the same row decoded as a chain on this backend?
+        tree_exact = tree_exact_for(models.target, tile)
+    head = head_feature_dtype(args.head)
+    hf_model = models.stock_target if models.stock_target is not None else models.target
+    return {"decode": name, "hf_generate": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
+            "decision": decision, "greedy_trees_untiled": tree_exact is False and 0.0 in args.temperature, "row_tile": tile, "batch_invariant": tile is not None,
+            "pass_rows": rows, "tree_exact": tree_exact, "head_features": head,
+            "head_features_differ": head not in ("unknown", name), "float32_note": None if dtype != torch.float32 else
+            "float32 passes are untiled unless --row-tile: rows of a multi-row pass can differ from 1-row steps in the "
+            "last bits (MKL picks kernels by row count), see docs/decoding_speed.md"}
+
+
+def precision_lines(p: dict[str, Any]) -> list[str]:
+    """The precision facts, one line each (and a one-line warning when the head's features differ)."""
+    d = p["decision"]
+    lines = [f"precision: decode {p['decode']} ({d.get('reason')}), HF generate {p['hf_generate']}; row tile "
+             + (f"{p['row_tile']} (every pass padded to {p['row_tile']} rows: greedy speculative = plain greedy bit "
+                "for bit" + ("" if p["tree_exact"] is not False else ", chains only") + ")" if p["row_tile"]
+                else "off (untiled)")
+             + f"; head trained on {p['head_features']} features"]
+    if p.get("greedy_trees_untiled"):
+        lines.append(f"warning: this backend's attention rounds a tree row differently from the same row decoded as a "
+                     f"chain (the gap probe, hsd.decode.rowtile) at row tile {p['row_tile']}: greedy trees run untiled, "
+                     "without the bit-for-bit claim (their exact_match is measured, not guaranteed)")
+    if p["head_features_differ"]:
+        lines.append(f"warning: the head was trained on {p['head_features']} target features but decoding runs in "
+                     f"{p['decode']}: acceptance can be lower than in training")
+    return lines
+
+
+def divergence_margins(models, prompts, results: dict[str, list], entries: list[dict]) -> dict[tuple, dict]:
+    """For every first divergence from HF generate of a T = 0 run: the target's top-2 logits after the common
+    prefix (the stock model's forward, the decode precision). Identical positions are measured once."""
+    import torch
+
+    from .evaluate import first_divergences
+    from .prompts import render
+
+    gen = results["T0/hf_generate"]
+    model = models.stock_target if models.stock_target is not None else models.target
+    by_id = {p.id: p for p in prompts}
+    out: dict[tuple, dict] = {}
+    for name, res in results.items():
+        if not name.startswith("T0/") or name == "T0/hf_generate":
+            continue
+        by_res = {r.id: r for r in res}
+        for d in first_divergences(res, gen):
+            key = (d["id"], d["turn"], d["position"])
+            if key in out:
+                continue
+            r = by_res[d["id"]]
+            ids = render(models.tokenizer, by_id[d["id"]], r.texts[: d["turn"]]) + r.turns[d["turn"]][: d["position"]]
+            x = torch.tensor([ids], device=next(model.parameters()).device)
+            with torch.no_grad():
+                logits = model(x).logits[0, -1].float()
+            top = torch.topk(logits, 2)
+            out[key] = {"margin": float(top.values[0] - top.values[1]), "top2": top.indices.tolist()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -265,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     console.print(check.line())
+    try:
+        precision = decode_precision(models, args, specs_rows(args, models))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.resume and not args.out_dir:
         print("error: --resume needs the --out-dir of the run to continue", file=sys.stderr)
         return 2
@@ -285,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
                        model_drafter=not args.no_model_drafter, trees=args.tree,
                        chains=not args.no_chain)
     clock = time.process_time if args.device == "cpu" else time.perf_counter
-    ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels, stage_clock=clock)
+    ev = Evaluator(models, args.max_new_tokens, args.seed, cpu_kernels=not args.no_cpu_kernels, stage_clock=clock,
+                   row_tile=precision["row_tile"], untiled_greedy_trees=precision["greedy_trees_untiled"])
+    from hsd.machine import machine_info, machine_line
+
+    machine = machine_info(args.device, next(models.target.parameters()).dtype)
     meta = {"started": timestamp(), "argv": sys.argv if argv is None else argv, "target": args.target,
             "head": args.head, "exit_head": args.exit_head, "draft_model": models.draft_note or None,
             "prompts": {g: sum(1 for p in prompts if p.group == g) for g in dict.fromkeys(p.group for p in prompts)},
@@ -294,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_kernels": not args.no_cpu_kernels, "batch_size": 1, "draft_shape": "chain",
             "stage_clock": "process CPU time" if args.device == "cpu" else "wall",
             "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
-            "git_commit": _git_commit(), "load_average_start": _loadavg(), "target_check": check.as_dict()}
+            "git_commit": _git_commit(), "load_average_start": _loadavg(), "target_check": check.as_dict(), "precision": precision,
+            "machine": machine}
     if done:
         meta["resumed_configurations"] = sorted(done)  # measured by the interrupted run(s), not rerun
     results: dict[str, list] = {}
@@ -312,8 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             from .stats import summarize
             t1 = summarize([merge_turns(r) for r in results[ar]])["target_pass_ms"].get(1)
         base = {k: next((e for e in entries if e["name"] == n), None) for k, n in (("generate", gen), ("ar", ar))}
-        e = report_run(spec, res, reference=ref if spec.temperature == 0 else None, t1_ms=t1, baselines=base,
-                       settings=spec_settings(spec, models))
+        # T = 0: exact_match against this engine's plain greedy decoding (same row tile: the bit-for-bit claim),
+        # and separately against HF generate (other kernels), with the first divergences
+        plain = results.get(ar) if spec.kind == "engine" and spec.name != ar else None
+        e = report_run(spec, res, reference=(plain or ref) if spec.temperature == 0 else None, t1_ms=t1,
+                       baselines=base, settings=spec_settings(spec, models), generate=results.get(gen))
+        for d in e.get("generate_divergences") or []:
+            d["margin"] = margins.get((d["id"], d["turn"], d["position"]))
+        if spec.kind == "engine":
+            e["row_tile"] = ev.tile_of(spec)
         if spec.name in rep_tps:
             import statistics
             e["tokens_per_s_repeats"] = rep_tps[spec.name]
@@ -322,9 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         return e
 
     rep_tps: dict[str, list[float]] = {}
+    margins: dict[tuple, dict] = {}  # (prompt id, turn, position) -> top-2 logit margin of the target there
     total = len(specs) * len(prompts) * args.repeats
     console.print(f"[bold]{len(specs)} configurations x {len(prompts)} prompts x {args.repeats} repeat(s)[/bold] "
                   f"-> {out_dir}")
+    console.print(f"machine: {machine_line(machine)}")
+    for line in precision_lines(precision):
+        console.print(line)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as prog:
         task = prog.add_task("all", total=total)
@@ -352,21 +469,31 @@ def main(argv: list[str] | None = None) -> int:
                                + (f", x{e['speedup_vs_generate']:.2f} vs generate (x{e['speedup_vs_generate_cpu']:.2f} "
                                   "CPU time)" if e.get("speedup_vs_generate") and e.get("speedup_vs_generate_cpu") else ""))
             json_path.write_text(json.dumps(report, indent=1, default=str))
+    if "T0/hf_generate" in results:  # the top-2 logit margin of the target at every first divergence
+        margins.update(divergence_margins(models, prompts, results, entries))
+        entries[:] = [entry_of(s) for s in specs if s.name in results]
     greedy_ref = results.get("T0/hf_generate") or results.get("T0/ar")
     if models.exit_heads and greedy_ref:
         report["exit_agreement"] = exit_agreement(models, prompts, greedy_ref)
-    report["planner"] = plan(entries)
+    report["planner"] = plan(entries, precision["decode"])
     report["meta"]["finished"] = timestamp()
     report["meta"]["load_average_end"] = _loadavg()
     json_path.write_text(json.dumps(report, indent=1, default=str))
     print_table(entries, console)
+    console.print(f"machine: {machine_line(machine)}")
+    for line in precision_lines(precision):
+        console.print(line)
     if report.get("exit_agreement"):
         console.print("exit heads on the target's greedy outputs: " + ", ".join(
             f"layer {k}: top-1 {v['top1_agreement']:.3f}, alpha(T=1) {v['alpha_T1']:.3f}"
             for k, v in report["exit_agreement"].items()))
     for t, b in report["planner"]["best"].items():
-        console.print(f"planner {t}: best predicted {b['name']}: {b['predicted_tokens_per_s']:.1f} tok/s "
-                      f"(x{b['predicted_speedup_vs_ar']:.2f} vs our AR)")
+        console.print(f"planner {t} ({precision['decode']} costs): best predicted {b['name']}: "
+                      f"{b['predicted_tokens_per_s']:.1f} tok/s (x{b['predicted_speedup_vs_ar']:.2f} vs our AR)")
+        cvt = report["planner"]["chain_vs_tree"].get(t) or {}
+        if cvt.get("chain") and cvt.get("tree"):
+            console.print(f"  chain vs tree: {cvt['chain']['name']} {1e3 / cvt['chain']['predicted_tpot_ms']:.1f} tok/s, "
+                          f"{cvt['tree']['name']} {1e3 / cvt['tree']['predicted_tpot_ms']:.1f} tok/s -> {cvt['choice']}")
     for row in report["planner"]["predicted_vs_measured"]:
         m = row["measured_tpot_ms"]
         console.print(f"  {row['name']}: predicted {1e3 / row['predicted_tpot_ms']:.1f} tok/s, measured "

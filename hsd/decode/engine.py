@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .config import DecodeConfig
 from .drafters import Drafter, NoDrafter
 from .exit_stage import ExitStage
+from .rowtile import TiledRunner, resolve_row_tile
 from .sampling import process, sample
 from .stats import DecodeStats, RoundRecord
 from .target import KVState, TargetRunner, tree_positions
@@ -96,17 +97,26 @@ class SpeculativeDecoder:
     ``generate(input_ids)`` decodes one prompt [1, S]. The same object can be reused across prompts and
     configs (``generate(..., config=...)``). The target's values are never changed; with ``cpu_kernels``
     (float32 on the CPU) its linear weights are stored transposed in place (:mod:`hsd.decode.cpu`).
+
+    ``row_tile`` (:mod:`hsd.decode.rowtile`): pad every decoding pass to this many rows, so that a row's
+    logits do not depend on how many rows share its pass and greedy speculative output equals this engine's
+    plain greedy output bit for bit (with the same tile). "auto": untiled in float32, else the smallest
+    multiple of 8 that holds the largest pass of ``config``; "off"; or a number of rows (give one tile to
+    every decoder whose outputs are compared: the evaluation CLI does).
     """
 
     def __init__(self, target: nn.Module, drafter: Drafter | None = None, exit_stage: ExitStage | None = None,
                  config: DecodeConfig | None = None, cpu_kernels: bool = True,
-                 stage_clock: Callable[[], float] = time.perf_counter):
+                 stage_clock: Callable[[], float] = time.perf_counter, row_tile: int | str | None = "auto"):
         self.stage_clock = stage_clock  # per-stage timers and pass times (time.process_time on a busy CPU)
         self.target = target
-        self.runner = TargetRunner(target, cpu_kernels=cpu_kernels)
         self.drafter = drafter if drafter is not None else NoDrafter()
         self.exit_stage = exit_stage
         self.config = config or DecodeConfig()
+        dtype = next(target.parameters()).dtype
+        tile = resolve_row_tile(row_tile, dtype, self.pass_rows(self.config))
+        self.runner = (TiledRunner(target, tile, cpu_kernels=cpu_kernels) if tile
+                       else TargetRunner(target, cpu_kernels=cpu_kernels))
         n = self.runner.num_layers
         bad = [j for j in getattr(self.drafter, "feature_layers", ()) if not 0 <= int(j) <= n]
         if bad:
@@ -114,6 +124,19 @@ class SpeculativeDecoder:
                              f"indices 0..{n}): was the head trained for another target?")
         if exit_stage is not None and not 1 <= exit_stage.layer < n:
             raise ValueError(f"exit layer {exit_stage.layer} is outside the target's {n} layers")
+
+    @property
+    def row_tile(self) -> int | None:
+        """Rows every decoding pass is padded to (None: untiled)."""
+        return getattr(self.runner, "rows", None)
+
+    def pass_rows(self, config: DecodeConfig) -> int:
+        """The most rows one target pass of ``config`` carries: root + draft (a chain of k, a tree's nodes,
+        or an exit stage's window of up to k + exit_window tokens)."""
+        spec = config.tree_spec
+        if spec is not None:
+            return spec.total_tokens + 1
+        return config.k + 1 + (config.exit_window if self.exit_stage is not None else 0)
 
     def eos_ids(self, config: DecodeConfig) -> set[int]:
         eos = config.eos_token_id
@@ -133,6 +156,16 @@ class SpeculativeDecoder:
         s = input_ids.shape[1]
         if s == 0:
             raise ValueError("input_ids: empty prompt")
+        tile = self.row_tile
+        if tile is not None and self.pass_rows(config) > tile:
+            raise ValueError(f"row tile {tile}: this configuration makes target passes of {self.pass_rows(config)} "
+                             f"rows; build the decoder with row_tile >= {self.pass_rows(config)} (one tile for "
+                             "every configuration whose outputs are compared)")
+        if tile is not None and config.tree is not None and config.sampling.greedy and not self.runner.tree_exact():
+            raise ValueError(f"tree {config.tree!r} at T = 0 with row tile {tile}: this backend's attention rounds a "
+                             f"tree row differently from the same row decoded as a chain ({self.runner.dtype}, "
+                             f"{self.runner.device}), so greedy trees would not equal plain greedy decoding bit for "
+                             "bit; draft chains, or pass row_tile='off' (no exactness claim)")
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.runner.vocab_size:
             raise ValueError(f"input_ids: token ids must be in [0, {self.runner.vocab_size})")
         limit = self.runner.max_positions
@@ -163,7 +196,8 @@ class SpeculativeDecoder:
         if spec is not None:
             self._check_tree(cfg)
         k_max = spec.total_tokens if spec is not None else cfg.k + (cfg.exit_window if self.exit_stage is not None else 0)
-        state = runner.new_state(1, s + cfg.max_new_tokens + k_max + 4)
+        # a tiled runner attends over the whole cache: its size must not depend on the configuration
+        state = runner.new_state(1, s + cfg.max_new_tokens + (self.row_tile or k_max) + 4)
         feats = tuple(getattr(drafter, "feature_layers", ()))
         stats = DecodeStats(prompt_tokens=s)
         run = _Run(runner, state, drafter, cfg, generator, feats, input_ids, cfg.max_new_tokens, stats,

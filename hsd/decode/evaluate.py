@@ -152,8 +152,12 @@ class Models:
 
 class Evaluator:
     def __init__(self, models: Models, max_new_tokens: int = 128, seed: int = 0, cpu_kernels: bool = True,
-                 stage_clock: Callable[[], float] = time.perf_counter):
+                 stage_clock: Callable[[], float] = time.perf_counter, row_tile: int | None = None,
+                 untiled_greedy_trees: bool = False):
         self.m = models
+        self.row_tile = row_tile  # one tile for every engine configuration (hsd.decode.rowtile): None = untiled
+        # greedy trees where the gap probe says the tile cannot make them exact: run untiled (flagged in the entry)
+        self.untiled_greedy_trees = untiled_greedy_trees
         self.stage_clock = stage_clock
         self.max_new_tokens = max_new_tokens
         self.seed = seed
@@ -167,8 +171,14 @@ class Evaluator:
         self.eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])} if eos is not None else set()
         self.pad_id = tok.pad_token_id
 
+    def tile_of(self, spec: RunSpec) -> int | None:
+        """The row tile a configuration decodes with (None: untiled)."""
+        if self.untiled_greedy_trees and spec.tree is not None and spec.temperature == 0:
+            return None
+        return self.row_tile
+
     def decoder(self, spec: RunSpec) -> SpeculativeDecoder:
-        key = (spec.drafter, spec.exit_layer)
+        key = (spec.drafter, spec.exit_layer, self.tile_of(spec))
         if key not in self._decoders:
             m, ck = self.m, self.cpu_kernels
             if spec.drafter == "eagle3":
@@ -189,7 +199,7 @@ class Evaluator:
                     raise ValueError(f"no exit head for layer {spec.exit_layer} (have {sorted(m.exit_heads)})")
                 es = ExitStage(m.exit_heads[spec.exit_layer], int(m.target.config.num_hidden_layers), cpu_kernels=ck)
             self._decoders[key] = SpeculativeDecoder(m.target, drafter, es, cpu_kernels=ck,
-                                                     stage_clock=self.stage_clock)
+                                                     stage_clock=self.stage_clock, row_tile=self.tile_of(spec) or "off")
         return self._decoders[key]
 
     def _one(self, spec: RunSpec, ids: list[int], seed: int, max_new: int | None = None) -> tuple[list[int], DecodeStats]:
@@ -257,9 +267,13 @@ def merge_turns(r: PromptResult) -> DecodeStats:
 
 
 def report_run(spec: RunSpec, results: list[PromptResult], *, reference: list[PromptResult] | None = None,
-               t1_ms: float | None = None, baselines: dict[str, dict] | None = None, settings: dict | None = None
-               ) -> dict[str, Any]:
-    """The JSON entry of one configuration (see the script's documentation for the keys)."""
+               t1_ms: float | None = None, baselines: dict[str, dict] | None = None, settings: dict | None = None,
+               generate: list[PromptResult] | None = None) -> dict[str, Any]:
+    """The JSON entry of one configuration (see the script's documentation for the keys).
+
+    reference: the greedy outputs ``exact_match`` compares with (this engine's plain decoding when it ran:
+    the bit-for-bit claim; else HF generate); generate: HF generate's, for ``exact_match_vs_generate`` and
+    the first divergences (the margins are filled in by the caller, which holds the model)."""
     merged = [merge_turns(r) for r in results]
     summ = summarize(merged)
     groups = sorted({r.group for r in results}, key=lambda g: ("gsm8k", "chat", "code", "multiturn").index(g)
@@ -302,6 +316,12 @@ def report_run(spec: RunSpec, results: list[PromptResult], *, reference: list[Pr
         entry["exact_match_prompts"] = f"{sum(same)}/{len(same)}"
     else:
         entry["exact_match"] = None
+    if spec.temperature == 0 and generate is not None and spec.kind == "engine":
+        gen = {r.id: r.turns for r in generate}
+        same = [r.turns == gen.get(r.id) for r in results if r.id in gen]
+        entry["exact_match_vs_generate"] = sum(same) / len(same) if same else None
+        entry["exact_match_vs_generate_prompts"] = f"{sum(same)}/{len(same)}"
+        entry["generate_divergences"] = first_divergences(results, generate)
     if baselines:
         for key, base in baselines.items():
             entry[f"speedup_vs_{key}"] = (summ["tokens_per_s_macro"] / base["tokens_per_s_macro"]
@@ -312,6 +332,25 @@ def report_run(spec: RunSpec, results: list[PromptResult], *, reference: list[Pr
                                              if base and base.get("tokens_per_cpu_s") and summ["tokens_per_cpu_s"]
                                              else None)
     return entry
+
+
+def first_divergences(results: list[PromptResult], generate: list[PromptResult]) -> list[dict[str, Any]]:
+    """Where each prompt's output first leaves HF generate's: prompt id, turn, position (new-token index),
+    and the two tokens; ``margin`` (the target's top-2 logit gap there) is None until measured."""
+    gen = {r.id: r for r in generate}
+    out = []
+    for r in results:
+        g = gen.get(r.id)
+        if g is None:
+            continue
+        for t, (a, b) in enumerate(zip(r.turns, g.turns)):
+            if a == b:
+                continue
+            i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out.append({"id": r.id, "turn": t, "position": i, "ours": a[i] if i < len(a) else None,
+                        "generate": b[i] if i < len(b) else None, "margin": None})
+            break
+    return out
 
 
 def spec_settings(spec: RunSpec, models: Models) -> dict:

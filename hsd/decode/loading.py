@@ -46,6 +46,25 @@ def check_head(head: nn.Module, target: nn.Module, where: str) -> None:
                          f"(valid 0..{n}; a head for another target?)")
 
 
+def head_feature_dtype(path: str | None) -> str:
+    """The dtype of the target features a head was trained on: ``feature_dtype`` of its ``precision.json``
+    (a saved head folder) or of its ``training_summary.json`` (an export); "unknown" when neither records it
+    (a Hub id, or a head saved before these records existed)."""
+    if not path:
+        return "unknown"
+    root = Path(path).expanduser()
+    for name in ("precision.json", "training_summary.json"):
+        f = root / name
+        if f.is_file():
+            try:
+                value = json.loads(f.read_text()).get("feature_dtype")
+            except (OSError, ValueError):
+                continue
+            if value:
+                return str(value).removeprefix("torch.")
+    return "unknown"
+
+
 def load_eagle3(path: str, target: nn.Module) -> nn.Module:
     from hsd.models.eagle3 import Eagle3DraftModel
 

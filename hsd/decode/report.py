@@ -20,7 +20,7 @@ def print_table(entries: list[dict[str, Any]], console=None, per_source: bool = 
     console = console or Console()
     t = Table(title="decode: tau = tokens per target pass (prefill excluded); tok/s incl. prefill (mean of prompts)")
     for col in ("config", "tau", "per-position (uncond.)", "cond.", "accept", "tok/s", "tok/CPU-s", "TTFT ms",
-                "TPOT ms", "x generate", "x gen (CPU)", "x ours AR", "greedy =", "verify/1", "draft/1"):
+                "TPOT ms", "x generate", "x gen (CPU)", "x ours AR", "greedy =", "= HF gen", "verify/1", "draft/1"):
         t.add_column(col, justify="left" if col == "config" else "right")
     for e in entries:
         t.add_row(e["name"], _f(e.get("tau")), _pp(e.get("per_position_acceptance")),
@@ -28,8 +28,13 @@ def print_table(entries: list[dict[str, Any]], console=None, per_source: bool = 
                   _f(e.get("tokens_per_s_macro"), "{:.1f}"), _f(e.get("tokens_per_cpu_s"), "{:.1f}"),
                   _f(e.get("ttft_ms"), "{:.0f}"), _f(e.get("tpot_ms"), "{:.0f}"), _f(e.get("speedup_vs_generate")),
                   _f(e.get("speedup_vs_generate_cpu")), _f(e.get("speedup_vs_ar")),
-                  e.get("exact_match_prompts") or "-", _f(e.get("verify_cost_ratio")), _f(e.get("draft_cost_ratio")))
+                  e.get("exact_match_prompts") or "-", e.get("exact_match_vs_generate_prompts") or "-",
+                  _f(e.get("verify_cost_ratio")), _f(e.get("draft_cost_ratio")))
     console.print(t)
+    console.print("greedy = : T = 0 outputs equal to this engine's plain greedy decoding (HF generate where it did not "
+                  "run); = HF gen: equal to Hugging Face generate (other kernels; see the divergences below)")
+    for line in divergence_lines(entries):
+        console.print(line)
     if not per_source:
         return
     groups = sorted({g for e in entries for g in e.get("per_source", {})},
@@ -46,6 +51,21 @@ def print_table(entries: list[dict[str, Any]], console=None, per_source: bool = 
             f" / {_f(e['per_source'][g].get('tokens_per_cpu_s'), '{:.1f}')}"
             if g in e.get("per_source", {}) else "-" for g in groups])
     console.print(t)
+
+
+def divergence_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """One line per T = 0 engine configuration whose output left HF generate's: where, and the target's top-2
+    logit margin there (a near-tie: the two computations rounded it differently)."""
+    out = []
+    for e in entries:
+        divs = e.get("generate_divergences") or []
+        if not divs:
+            continue
+        parts = [f"{d['id']}" + (f" turn {d['turn'] + 1}" if d["turn"] else "") + f" @ token {d['position']}"
+                 + (f" (top-2 margin {d['margin']['margin']:.3g})" if d.get("margin") else "") for d in divs]
+        out.append(f"{e['name']}: = HF generate on {e.get('exact_match_vs_generate_prompts')} prompts; first "
+                   "divergences " + ", ".join(parts))
+    return out
 
 
 def plot_all(entries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:

@@ -216,26 +216,22 @@ class PassOutput:
 def tree_positions(parents: Tensor) -> Tensor:
     """parents [B, T] (index of each node's parent among the T new tokens, -1 = attached to the cache end)
     -> depth [B, T] (0 for a node whose parent is -1). Parents must precede their children."""
-    b, t = parents.shape
-    depth = torch.zeros(b, t, dtype=torch.long, device=parents.device)
-    for j in range(t):
-        p = parents[:, j]
-        if bool((p >= j).any()):
-            raise ValueError("parents: every node's parent must come before it")
-        depth[:, j] = torch.where(p < 0, 0, depth.gather(1, p.clamp(min=0)[:, None])[:, 0] + 1)
-    return depth
+    return _tree_ancestors(parents).sum(-1) - 1
 
 
 def tree_mask(parents: Tensor) -> Tensor:
     """parents [B, T] -> ancestors-or-self [B, T, T] bool (row t may attend to new token j)."""
-    b, t = parents.shape
-    anc = torch.eye(t, dtype=torch.bool, device=parents.device).expand(b, t, t).clone()
-    for j in range(t):
-        p = parents[:, j]
-        has = p >= 0
-        if bool(has.any()):
-            anc[has, j] |= anc[has, p[has]]
-    return anc
+    return _tree_ancestors(parents)
+
+
+def _tree_ancestors(parents: Tensor) -> Tensor:
+    """[B, T, T] ancestors-or-self among the new tokens (:func:`hsd.verify.tree.ancestors`, no loop over nodes)."""
+    from hsd.verify.tree import ancestors
+
+    t = parents.shape[-1]
+    if bool((parents >= torch.arange(t, device=parents.device)).any()):
+        raise ValueError("parents: every node's parent must come before it")
+    return ancestors(parents.long() + 1)[:, 1:, 1:]
 
 
 def is_chain(parents: Tensor) -> bool:

@@ -123,6 +123,8 @@ def build_tree(root_logits: Tensor, expand: Callable[[list[int], list[TreeNode]]
         else:
             best = sorted(level, key=lambda i: (-nodes[i].value, i))[: spec.top_k]
             best.sort()
+            if params.greedy and hopeless(nodes, best, spec.total_tokens):
+                break  # the remaining levels would only add nodes that the final prune drops: same tree
         logits = expand(best, nodes)
         steps += 1
         level = _children(logits, best, nodes, static[d] if static else spec.top_k, params, generator)
@@ -137,6 +139,16 @@ def build_tree(root_logits: Tensor, expand: Callable[[list[int], list[TreeNode]]
     new_parents = new_parents.to(dev)[None]
     q = None if params.greedy else sibling_rows(kept, new_parents[0].tolist())[None]
     return Draft(tokens, new_parents, q), steps
+
+
+def hopeless(nodes: list[TreeNode], best: list[int], total: int) -> bool:
+    """True when no descendant of ``best`` can survive pruning to ``total`` nodes: ``total`` nodes already
+    rank above every node of ``best`` (values never increase along a path, and ties go to earlier nodes),
+    so expanding further levels only costs head steps. Exact at T = 0, where the draft is deterministic."""
+    if len(nodes) < total:
+        return False
+    kth = sorted((n.value for n in nodes), reverse=True)[total - 1]
+    return all(nodes[i].value < kth for i in best)
 
 
 def sibling_rows(kept: list[TreeNode], parents: list[int]) -> Tensor:

@@ -87,9 +87,12 @@ def verify_tree_draft(tokens: Tensor, parents: Tensor, proposal: Tensor | None, 
     method: "greedy", "rrs" or "weighted". Returns ``verify_tree``'s result: path [B, D] (accepted node
     indices, -1 padded), num_accepted [B], next_token [B].
     """
+    # The engine's trees are built by its drafters (topological parents, rows from ``process``): the input
+    # checks of the public API (a few ms over [N + 1, V] rows) are skipped here.
     if method == "greedy" or params.greedy:
-        res = verify_tree(tokens, parents, None, target_logits, method="greedy", backend=backend)
+        res = verify_tree(tokens, parents, None, target_logits, method="greedy", backend=backend, validate=False)
     else:
         p = process(target_logits, params)
-        res = verify_tree(tokens, parents, proposal, p, method=method, backend=backend, generator=generator)
+        res = verify_tree(tokens, parents, proposal, p, method=method, backend=backend, generator=generator,
+                          validate=False)
     return res

@@ -64,23 +64,57 @@ class TreeVerifyResult:
 
 
 class Structure(NamedTuple):
-    """parent_slot [B, N] (0 = root, -1 = padding), real [B, N] bool, depth [B, N+1] (root 0)."""
+    """parent_slot [B, N] (0 = root, -1 = padding), real [B, N] bool, depth [B, N+1] (root 0),
+    anc [B, N+1, N+1] bool: ``anc[b, s, a]`` = slot a is slot s itself or one of its ancestors (the root is an
+    ancestor of every real node; a padding slot has only itself)."""
 
     parent_slot: Tensor
     real: Tensor
     depth: Tensor
+    anc: Tensor
+
+
+def ancestors(parent_slot: Tensor) -> Tensor:
+    """parent_slot [B, N] (slot of each node's parent, 0 = root, -1 = none) -> ancestors-or-self [B, N+1, N+1]
+    bool over the slots (slot 0 = root), by repeated squaring of the parent relation: ceil(log2(N + 1))
+    batched matmuls, no loop over nodes."""
+    b, n = parent_slot.shape
+    dev = parent_slot.device
+    step = torch.eye(n + 1, dtype=torch.float32, device=dev).expand(b, n + 1, n + 1).clone()
+    has = parent_slot >= 0
+    rows = torch.arange(1, n + 1, device=dev).expand(b, n)
+    bi = torch.arange(b, device=dev)[:, None].expand(b, n)
+    step[bi[has], rows[has], parent_slot[has]] = 1.0
+    for _ in range(max(1, (n + 1).bit_length())):  # path lengths <= N: after k squarings, <= 2^k
+        step = (torch.bmm(step, step) > 0).float()
+    return step > 0
 
 
 def structure(parents: Tensor) -> Structure:
     real = parents != PAD
     parent_slot = torch.where(real, parents.long() + 1, torch.full_like(parents, -1, dtype=torch.long))
-    b, n = parents.shape
-    depth = torch.zeros(b, n + 1, dtype=torch.long, device=parents.device)
-    rows = torch.arange(b, device=parents.device)
-    for i in range(n):
-        d = depth[rows, parent_slot[:, i].clamp(min=0)] + 1
-        depth[:, i + 1] = torch.where(real[:, i], d, 0)
-    return Structure(parent_slot, real, depth)
+    anc = ancestors(parent_slot)
+    depth = anc.sum(-1) - 1  # ancestors-or-self, the root counted once: the depth (padding: 0)
+    return Structure(parent_slot, real, depth, anc)
+
+
+def sibling_rank(struct: Structure) -> Tensor:
+    """[B, N] number of earlier real siblings of each node (0 = first child of its parent)."""
+    par, real = struct.parent_slot, struct.real
+    n = par.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=par.device).tril(-1)  # [i, j]: j < i
+    same = (par.unsqueeze(2) == par.unsqueeze(1)) & earlier & real.unsqueeze(1) & real.unsqueeze(2)
+    return same.sum(-1)
+
+
+def waves(struct: Structure) -> Tensor:
+    """[B, N] the step at which ``tree_levels`` can process each node (0 for padding): a node needs its
+    parent's initial state and its earlier siblings' updates of it, so wave(i) = wave(parent) + 1 + rank(i)
+    (the sum of 1 + rank over its path). Nodes of one wave have distinct parents and depend only on earlier
+    waves, so one wave is one batch of row operations."""
+    c = torch.where(struct.real, 1 + sibling_rank(struct), 0).to(torch.float32)
+    path = struct.anc[:, 1:, 1:].to(torch.float32)  # [B, N, N] ancestors-or-self among the nodes
+    return torch.bmm(path, c.unsqueeze(-1)).squeeze(-1).round().long()
 
 
 def with_root(struct: Structure) -> Tensor:
@@ -179,7 +213,8 @@ def rule_of(method: str | TreeRule) -> TreeRule:
 def tree_levels(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
                 rule: TreeRule, struct: Structure | None = None) -> TreeLevels:
     """tokens [B, N] int64, parents [B, N], draft_probs [B, N, V] | None, target_probs [B, N+1, V]
-    (compute dtype) -> TreeLevels, in one pass over the nodes in index order.
+    (compute dtype) -> TreeLevels, one batch of row operations per wave (:func:`waves`) rather than one per
+    node: the nodes of a wave (distinct parents) are processed together, [B, M, V] at a time.
 
     Weights are kept as (log R, running max M) per slot, w = exp(log R - M), exactly as block
     verification computes them on a chain; a failed child restarts its parent at (log h, 0).
@@ -189,7 +224,6 @@ def tree_levels(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, tar
     struct = structure(parents) if struct is None else struct
     b, n = tokens.shape
     dev, dtype = target_probs.device, target_probs.dtype
-    rows = torch.arange(b, device=dev)
     cur = target_probs.clone()
     mass = torch.ones(b, n + 1, dtype=dtype, device=dev)
     log_r = torch.zeros(b, n + 1, dtype=dtype, device=dev)
@@ -198,41 +232,47 @@ def tree_levels(tokens: Tensor, parents: Tensor, draft_probs: Tensor | None, tar
     p_tok = torch.zeros(b, n, dtype=dtype, device=dev)
     q_tok = torch.ones(b, n, dtype=dtype, device=dev)
     safe_tokens = torch.where(struct.real, tokens, torch.zeros_like(tokens))
-    dense = bool(struct.real.all())  # no padding: no masking needed
-    for i in range(n):
-        real = struct.real[:, i]
-        par = struct.parent_slot[:, i].clamp(min=0)
-        x = safe_tokens[:, i]
-        row = current_row(cur, mass, target_probs, rows, par)
+    wave = waves(struct)
+    rows = torch.arange(b, device=dev).unsqueeze(1)
+    for w in range(1, int(wave.max()) + 1 if n else 1):
+        sel = wave == w
+        m = int(sel.sum(-1).max())
+        if m == 0:
+            continue
+        idx = sel.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :m]  # [B, M] this wave's nodes
+        ok = sel.gather(1, idx)  # [B, M] (rows with fewer nodes: padded entries)
+        par = struct.parent_slot.gather(1, idx).clamp(min=0)
+        x = safe_tokens.gather(1, idx)
+        row = current_row(cur, mass, target_probs, rows, par)  # [B, M, V]
         px = row.gather(-1, x.unsqueeze(-1)).squeeze(-1)
-        q_row = None if draft_probs is None else draft_probs[:, i]
+        q_row = None if draft_probs is None else draft_probs[rows, idx]
         qx = torch.ones_like(px) if q_row is None else q_row.gather(-1, x.unsqueeze(-1)).squeeze(-1)
-        p_tok[:, i] = torch.where(real, px, 0.0)
-        q_tok[:, i] = torch.where(real, qx, 1.0)
+        p_tok.scatter_(1, idx, torch.where(ok, px, p_tok.gather(1, idx)))
+        q_tok.scatter_(1, idx, torch.where(ok, qx, q_tok.gather(1, idx)))
         lr_par, lm_par = log_r[rows, par], log_m[rows, par]
         if rule.weighted:
             lr = lr_par + (px.log() - qx.log())
-            log_r[:, i + 1] = torch.where(real, lr, 0.0)
-            log_m[:, i + 1] = torch.where(real, torch.maximum(lm_par, lr), 0.0)
+            log_r.scatter_(1, idx + 1, torch.where(ok, lr, log_r.gather(1, idx + 1)))
+            log_m.scatter_(1, idx + 1, torch.where(ok, torch.maximum(lm_par, lr), log_m.gather(1, idx + 1)))
         else:
-            h[:, i] = torch.where(real, (px / qx).clamp(max=1.0), 0.0)
-        # The parent's state once this child's subtree has failed.
-        w_new, r, r_mass = rule.update_parent((lr_par - lm_par).exp(), row, q_row, x)
-        at = (rows, par) if dense else (rows[real], par[real])
-        if not dense:
-            w_new, r, r_mass = w_new[real], r[real], r_mass[real]
-        cur[at] = r
-        mass[at] = r_mass
-        log_r[at] = w_new.log()
-        log_m[at] = 0.0
+            h.scatter_(1, idx, torch.where(ok, (px / qx).clamp(max=1.0), h.gather(1, idx)))
+        # The parents' states once these children's subtrees have failed (distinct parents in a wave).
+        w_new, r, r_mass = rule.update_parent(*(None if t is None else t.flatten(0, 1)
+                                                for t in ((lr_par - lm_par).exp(), row, q_row, x)))
+        bi, pi = rows.expand(b, m)[ok], par[ok]
+        keep = ok.reshape(-1)
+        cur[bi, pi] = r[keep]
+        mass[bi, pi] = r_mass[keep]
+        log_r[bi, pi] = w_new[keep].log()
+        log_m[bi, pi] = 0.0
     if rule.weighted:
         h = torch.where(struct.real, (log_r[:, 1:] - log_m[:, 1:]).exp(), 0.0)
     return TreeLevels(h, p_tok, q_tok, cur, target_probs)
 
 
 def current_row(cur: Tensor, mass: Tensor, target_probs: Tensor, rows: Tensor, par: Tensor) -> Tensor:
-    """[B, V] normalised current row of slot ``par`` of each batch row (exact target row while no
-    child of that slot has failed: its mass is 1)."""
+    """[..., V] normalised current row of slot ``par`` of each batch row (``rows`` broadcast with ``par``;
+    exact target row while no child of that slot has failed: its mass is 1)."""
     m = mass[rows, par]
     row = cur[rows, par] / m.unsqueeze(-1)
     empty = m <= RESIDUAL_EPS  # a residual without mass (measure-zero ties): use the target row
@@ -242,34 +282,30 @@ def current_row(cur: Tensor, mass: Tensor, target_probs: Tensor, rows: Tensor, p
     return row
 
 
+def all_on_path(struct: Structure, ok: Tensor) -> Tensor:
+    """[B, N+1] bool: every node on the slot's root path (itself included) has ``ok`` [B, N] set; padding
+    slots False, the root True."""
+    ok_slot = torch.cat([torch.ones_like(ok[:, :1]), ok & struct.real], dim=1)
+    return ~(struct.anc & ~ok_slot.unsqueeze(1)).any(-1) & with_root(struct)
+
+
 def first_child_path(struct: Structure, chosen: Tensor) -> Tensor:
     """Slot [B] of the last node on the path that starts at the root and, at every node, moves to
     its first child (index order) with ``chosen`` [B, N] set. The root's slot is 0."""
-    b, n = chosen.shape
-    dev = chosen.device
-    rows = torch.arange(b, device=dev)
-    on_path = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-    on_path[:, 0] = True
-    claimed = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-    for i in range(n):
-        par = struct.parent_slot[:, i].clamp(min=0)
-        c = chosen[:, i] & struct.real[:, i]
-        on_path[:, i + 1] = on_path[rows, par] & c & ~claimed[rows, par]
-        claimed[rows, par] |= c
+    c = chosen & struct.real
+    par = struct.parent_slot
+    n = c.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=c.device).tril(-1)
+    claimed = ((par.unsqueeze(2) == par.unsqueeze(1)) & earlier & c.unsqueeze(1)).any(-1)  # an earlier sibling chosen
+    on_path = all_on_path(struct, c & ~claimed)
     # The path's nodes have distinct depths: its last node is the deepest one.
     return torch.where(on_path, struct.depth, -1).argmax(-1)
 
 
 def subtree_any(struct: Structure, flag: Tensor) -> Tensor:
     """[B, N] bool: some node in the subtree of node i (itself included) has ``flag`` set."""
-    b, n = flag.shape
-    rows = torch.arange(b, device=flag.device)
-    out = torch.zeros(b, n + 1, dtype=torch.bool, device=flag.device)
-    out[:, 1:] = flag & struct.real
-    for i in range(n - 1, -1, -1):  # children come after their parents
-        par = struct.parent_slot[:, i].clamp(min=0)
-        out[rows, par] |= out[:, i + 1] & struct.real[:, i]
-    return out[:, 1:]
+    f = torch.cat([torch.zeros_like(flag[:, :1]), flag & struct.real], dim=1)  # per slot
+    return (struct.anc & f.unsqueeze(2)).any(1)[:, 1:]  # slot i: some slot j below-or-at i is flagged
 
 
 def select(struct: Structure, passed: Tensor, rule: TreeRule) -> Tensor:
@@ -285,15 +321,11 @@ def path_to(struct: Structure, last: Tensor) -> Tensor:
     b = last.shape[0]
     d_max = int(struct.depth.max()) if struct.depth.numel() else 0
     rows = torch.arange(b, device=last.device)
-    path = torch.full((b, d_max), -1, dtype=torch.long, device=last.device)
-    cur = last.clone()
-    for _ in range(d_max):
-        d = struct.depth[rows, cur]
-        has = d > 0
-        col = (d - 1).clamp(min=0)
-        path[rows[has], col[has]] = cur[has] - 1
-        cur = torch.where(has, struct.parent_slot[rows, (cur - 1).clamp(min=0)].clamp(min=0), cur)
-    return path
+    on = struct.anc[rows, last].clone()  # [B, N+1] the slots on last's path
+    on[:, 0] = False
+    at = on.unsqueeze(1) & (struct.depth.unsqueeze(1) == torch.arange(1, d_max + 1, device=last.device).view(1, -1, 1))
+    slots = torch.arange(struct.anc.shape[-1], device=last.device)
+    return torch.where(at.any(-1), (at * slots).sum(-1) - 1, -1)  # one slot per depth at most
 
 
 def greedy_tree(tokens: Tensor, parents: Tensor, target: Tensor) -> TreeVerifyResult:
@@ -304,11 +336,8 @@ def greedy_tree(tokens: Tensor, parents: Tensor, target: Tensor) -> TreeVerifyRe
     b, n = tokens.shape
     rows = torch.arange(b, device=tokens.device)
     best = target.argmax(-1)  # [B, N+1]
-    ok = torch.zeros(b, n + 1, dtype=torch.bool, device=tokens.device)
-    ok[:, 0] = True
-    for i in range(n):
-        par = struct.parent_slot[:, i].clamp(min=0)
-        ok[:, i + 1] = struct.real[:, i] & ok[rows, par] & (tokens[:, i] == best[rows, par])
+    match = tokens == best.gather(1, struct.parent_slot.clamp(min=0))
+    ok = all_on_path(struct, match)
     slots = torch.arange(n + 1, device=tokens.device)
     score = torch.where(ok, struct.depth * (n + 1) + (n - slots), -1)
     last = score.argmax(-1)

@@ -24,7 +24,8 @@ def test_bench_decode_tiny_random_target(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--random-config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32",
                        "--context", "16", "--max-tokens", "6", "--reps", "5", "--plain-tokens", "6",
-                       "--methods", "tokenwise", "hsd", "--trees", "4", "8", "16", "--json", str(out)]) == 0
+                       "--methods", "tokenwise", "hsd", "--trees", "4", "8", "16", "--draft-trees", "2:3:5",
+                       "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert len(rep["layouts"]) == 2  # the stock layout and the engine's (CPU)
     for r in rep["layouts"].values():
@@ -37,4 +38,12 @@ def test_bench_decode_tiny_random_target(tmp_path, capsys):
     assert {"T0/ar", "T0/eagle3-k3-greedy", "T1/eagle3-k5-hsd", "T1/eagle3-k3-tokenwise"} <= set(rep["configs"])
     assert all(c["ms_per_token"] > 0 for c in rep["configs"].values())
     assert rep["plain"]["ours_vs_hf_speed"] > 0
-    assert "plain decoding: ours" in capsys.readouterr().out
+    for r in rep["layouts"].values():  # the row tile's cost: 1-row, K + 1 and tree-sized passes, tile 24
+        assert r["row_tile"]["rows"] == 24 and set(r["row_tile"]["pass_ratio"]) == {"1", "4", "5", "6", "9", "17"}
+    d = rep["tree_draft"]["2:3:5"]  # the root's feed + up to two batched level steps
+    assert 1 <= len(d["head_step_ms_by_depth"]) <= 3 and d["ms"] >= sum(d["head_step_ms_by_depth"])
+    assert rep["machine"]["cpu"] and rep["machine"]["precision"] == "float32"
+    assert rep["invariance"]["tile 24"]["rows_equal"] == [True] * 6  # the tile: every row as its 1-row step
+    assert len(rep["invariance"]["untiled"]["first_differing_hidden_index"]) == 6
+    printed = capsys.readouterr().out
+    assert "plain decoding: ours" in printed and printed.count("machine: ") == 2

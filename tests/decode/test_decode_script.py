@@ -54,6 +54,12 @@ def test_script_end_to_end(tmp_path):
             assert e["exact_match"] == 1.0, e["name"]  # every T = 0 configuration reproduces generate()
         if e["kind"] == "engine" and e["k"]:
             assert len(e["per_position_acceptance"]) == 2 and e["verify_cost_ratio"] or e["exit_layer"]
+    meta = rep["meta"]
+    assert meta["precision"]["decode"] == "float32" and meta["precision"]["row_tile"] is None  # fp32: untiled (auto)
+    assert meta["precision"]["head_features"] == "unknown" and meta["machine"]["precision"] == "float32"
+    for e in rep["runs"]:
+        if e["temperature"] == 0 and e["kind"] == "engine":
+            assert e["exact_match_vs_generate"] == 1.0 and e["generate_divergences"] == []
     assert set(rep["exit_agreement"]) == {"2", "5"}
     assert rep["planner"]["best"]["T0"]["predicted_tokens_per_s"] > 0
     planned = {r["name"] for r in rep["planner"]["predicted_vs_measured"]}
@@ -186,3 +192,62 @@ def test_resume_reuses_finished_configurations(tmp_path, capsys):
     # ... so resuming it reloads exactly its own configurations.
     assert main([*changed, "--resume"]) == 0
     assert set(json.loads((out / "decode.json").read_text())["meta"]["resumed_configurations"]) == names
+
+
+def test_first_divergences_and_their_margins(tmp_path):
+    """Where a T = 0 output first leaves HF generate's (per prompt, first differing turn), and the target's top-2
+    logit margin there, measured on the common prefix."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hsd.decode.cli import divergence_margins
+    from hsd.decode.evaluate import Models, PromptResult, first_divergences
+    from hsd.decode.prompts import render
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    tok = AutoTokenizer.from_pretrained(root / "target")
+    prompts = [Prompt("a", "chat", ["one two"]), Prompt("b", "chat", ["three", "four"])]
+    gen = [PromptResult("a", "chat", [[5, 6, 7, 8]], []), PromptResult("b", "chat", [[1, 2], [3, 4, 5]], ["x", "y"])]
+    ours = [PromptResult("a", "chat", [[5, 6, 9, 8]], []), PromptResult("b", "chat", [[1, 2], [3, 4]], ["x", "y"])]
+    divs = first_divergences(ours, gen)
+    assert [(d["id"], d["turn"], d["position"], d["ours"], d["generate"]) for d in divs] == [
+        ("a", 0, 2, 9, 7), ("b", 1, 2, None, 5)]  # b: a shorter turn 2 (stopped early)
+    assert first_divergences(gen, gen) == []
+    margins = divergence_margins(Models(target=t, tokenizer=tok), prompts, {"T0/hf_generate": gen, "T0/ar": ours}, [])
+    ids = render(tok, prompts[0], []) + [5, 6]
+    with torch.no_grad():
+        top = torch.topk(t(torch.tensor([ids])).logits[0, -1].float(), 2)
+    assert margins[("a", 0, 2)]["margin"] == float(top.values[0] - top.values[1]) >= 0
+    assert margins[("a", 0, 2)]["top2"] == top.indices.tolist() and ("b", 1, 2) in margins
+
+
+def test_row_tile_in_the_cli(tmp_path, capsys):
+    """--row-tile: chains decode tiled and equal this engine's plain greedy decoding; where the gap probe says
+    the tile cannot make trees exact (fp32 on this CPU class), greedy trees run untiled, flagged in the meta, in
+    the entry and in a warning line."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.eagle3_head(t, scale=0.05).save_pretrained(tmp_path / "head")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "g0", "source": "gsm8k", "messages": [{"role": "user", "content": "one two"}]})
+                       + "\n")
+    out = tmp_path / "out"
+    assert main(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--prompts", str(prompts),
+                 "--max-new-tokens", "5", "--k", "2", "--temperature", "0", "--tree", "2:2:3", "--no-lookup",
+                 "--row-tile", "8", "--no-plots", "--out-dir", str(out)]) == 0
+    rep = json.loads((out / "decode.json").read_text())
+    prec = rep["meta"]["precision"]
+    assert prec["row_tile"] == 8 and prec["tree_exact"] is False and prec["greedy_trees_untiled"]
+    tile = {e["name"]: e.get("row_tile") for e in rep["runs"] if e["kind"] == "engine"}
+    assert tile == {"T0/ar": 8, "T0/eagle3-k2-greedy": 8, "T0/eagle3-tree2x2n3-greedy": None}
+    chain = next(e for e in rep["runs"] if e["name"] == "T0/eagle3-k2-greedy")
+    assert chain["exact_match"] == 1.0
+    assert "greedy trees run untiled" in capsys.readouterr().out
+    assert main(["--row-tile", "3", "--k", "3", "--no-hf", "--target", str(root / "target")]) == 2
+    assert "row_tile >= 4" in capsys.readouterr().err
