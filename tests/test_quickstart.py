@@ -91,7 +91,7 @@ def _check_readme_block(out, printed, rows, readme):
     log = (out / "main_job.log").read_text()
     ours, shown = log.splitlines(), iter(printed.splitlines())
     assert all(any(ln == p for p in shown) for ln in ours)  # the job's own lines, in the order printed
-    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 17
+    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 16
     assert ours[1] == f"machine: {machine_line(machine_info('cpu', torch.float32))}"  # conftest pins auto = fp32
     assert f"Machine: {ours[1].removeprefix('machine: ')}" in (out / "report.md").read_text().splitlines()
     assert any(ln.strip().startswith("Precision: decode float32") for ln in ours)  # which precision decoded, and why

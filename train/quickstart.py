@@ -285,7 +285,7 @@ def best_head_entry(entries: list[dict], temperature: float) -> dict | None:
 
 def headline_lines(decode: dict) -> list[str]:
     """The report's first lines: the measured speed-up against HF generate in the same precision, and which
-    precision decoded and why (``decode.json``'s meta)."""
+    precision decoded and why (``decode.json``'s meta; the machine is the report's ``MACHINE_PREFIX`` line)."""
     entries = decode["runs"]
     prec = decode.get("meta", {}).get("precision") or {}
     out = []
@@ -302,12 +302,7 @@ def headline_lines(decode: dict) -> list[str]:
                    + (f"{tile} (greedy speculative = plain greedy bit for bit)" if tile else "off")
                    + f"; the head was trained on {prec.get('head_features', 'unknown')} target features"
                    + (" (differs from the decode precision)" if prec.get("head_features_differ") else "") + ".")
-    machine = decode.get("meta", {}).get("machine")
-    if machine:
-        from hsd.machine import machine_line
-
-        out.append(f"Machine: {machine_line(machine)}.")
-    return out
+    return out  # the machine line follows (write_report, MACHINE_PREFIX)
 
 
 def summary_lines(entries: list[dict], export_dir: Path, head_dir: Path, report: Path) -> list[str]:
