@@ -137,8 +137,8 @@ class TiledRunner(TargetRunner):
     def __init__(self, model: nn.Module, rows: int, cpu_kernels: bool = True):
         if int(rows) < 2:
             raise ValueError(f"row tile: must be >= 2 rows, got {rows}")
+        self.rows = int(rows)  # before the base class's self-check, which runs this runner's tiled passes
         super().__init__(model, cpu_kernels=cpu_kernels)
-        self.rows = int(rows)
 
     def new_state(self, batch: int, capacity: int) -> FullKVState:
         """Room for the pad rows of the last pass too (they are written, then cropped). Every pass attends

@@ -221,7 +221,7 @@ _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(
 def ensure_checked(runner: TargetRunner) -> CheckResult:
     """The probe's result for ``runner``'s target, run once per model, dtype, device and kernel choice in a
     process; raises :class:`TargetMismatch` (one line) when the runner does not reproduce the target."""
-    key = (runner.dtype, str(runner.device), runner.cpu_kernels)
+    key = (runner.dtype, str(runner.device), runner.cpu_kernels, getattr(runner, "rows", None))  # rows: a tile
     per_model = _CHECKED.setdefault(runner.model, {})
     if key not in per_model:
         per_model[key] = probe(runner)
@@ -248,7 +248,7 @@ def check_target(model: nn.Module, cpu_kernels: bool = False) -> CheckResult:
     try:
         return ensure_checked(runner)
     except TargetMismatch:
-        return _CHECKED[model][(runner.dtype, str(runner.device), runner.cpu_kernels)]
+        return _CHECKED[model][(runner.dtype, str(runner.device), runner.cpu_kernels, None)]
 
 
 def engine_warning(result: CheckResult | dict[str, Any], goes_on: str = "training and export go on") -> str | None:
