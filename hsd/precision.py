@@ -148,3 +148,26 @@ def bf16_speedup(device: torch.device | str = "cpu") -> float | None:
 @functools.cache
 def _measured(device_type: str) -> PrecisionProbe:
     return measure(device_type)
+
+
+# The shape whose measured speed stands for a device's peak matmul FLOP/s (MFU estimates): large enough to
+# reach a CPU core's or a GPU's steady-state rate, small enough to time in well under a second.
+PEAK_SHAPE = {"cpu": (1024, 1024, 1024), "cuda": (8192, 8192, 8192)}
+
+
+def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      budget_s: float = 0.25) -> float:
+    """Measured FLOP/s of one large matmul (:data:`PEAK_SHAPE`) in ``dtype`` on ``device`` with the current
+    torch threads: the denominator of the trainers' MFU estimates. Measured, not a datasheet figure, because a
+    CPU's real peak depends on its vector units, clocks and how many threads run (cached per process)."""
+    dev = torch.device(device)
+    return _peak(dev.type, str(dtype), torch.get_num_threads(), budget_s)
+
+
+@functools.cache
+def _peak(device_type: str, dtype: str, threads: int, budget_s: float) -> float:
+    m, k, n = PEAK_SHAPE.get(device_type, PEAK_SHAPE["cpu"])
+    dt = getattr(torch, dtype.removeprefix("torch."))
+    seconds = _time_matmul((m, k, n), dt, torch.device(device_type), budget_s)
+    return 2.0 * m * k * n / max(seconds, 1e-12)
+

@@ -65,6 +65,18 @@ def precision_line(record: dict[str, Any]) -> str:
             f"({measured}; {probe['reason']})")
 
 
+def compute_dtype(record: dict[str, Any]) -> torch.dtype:
+    """The dtype most training compute runs in, for the MFU's measured peak: bf16 when the target features or
+    the head's autocast are bf16, else float32."""
+    low = "bfloat16" in (record["feature_dtype"], {"bf16": "bfloat16"}.get(record["mixed_precision"]))
+    return torch.bfloat16 if low else torch.float32
+
+
+def linear_params(module: nn.Module) -> int:
+    """Weights of a module's matrices (2-D parameters): a forward costs ~2 FLOPs per weight per token."""
+    return sum(p.numel() for p in module.parameters() if p.ndim == 2)
+
+
 def write_precision(directory: str | pathlib.Path, record: dict[str, Any]) -> None:
     """``directory/precision.json`` (a saved head folder)."""
     path = pathlib.Path(directory)

@@ -173,6 +173,8 @@ class Eagle3Task(loop.TrainTask):
             feature_dtype = next(self.target.parameters()).dtype
         self.precision = common.precision_record(cfg, self.accelerator, feature_dtype)
         self.print(common.precision_line(self.precision))
+        self.target_layer_params = common.linear_params(cap.decoder_layers(self.target))
+        self.target_ran, self._last_rows = False, 0
 
     def _setup_rows(self) -> None:
         cfg: Eagle3TrainConfig = self.config
@@ -346,8 +348,28 @@ class Eagle3Task(loop.TrainTask):
         parts = ttt.TeacherParts(*(torch.cat([ent[i] for ent in entries]) for i in (2, 3, 4)))
         return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab, pos)
 
+    def compute_dtype(self) -> torch.dtype:
+        return common.compute_dtype(self.precision)
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """Matmul FLOPs of the last training ``loss`` (linear layers; attention scores left out): the target
+        forward over the real tokens and its LM head on the teacher rows when the target ran (not when a
+        cache served the batch), and the head's forward + backward (3x forward): ``fc`` on every real token,
+        the layer K times, its LM head on the scored rows of each step (at most the teacher rows)."""
+        tokens, rows = float(batch["attention_mask"].sum()), float(self._last_rows)
+        c = self.head_config
+        out = 0.0
+        if self.target_ran:
+            out += 2.0 * (self.target_layer_params * tokens + c.hidden_size * c.vocab_size * rows)
+        layer = (c.hidden_size * 2 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                 + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+        head = c.fc_input_size * c.hidden_size * tokens + self.config.ttt_steps * (
+            layer * tokens + c.hidden_size * c.draft_vocab_size * rows)
+        return out + 3.0 * 2.0 * head
+
     def loss(self, model, batch):
         features, embeds, targets = self.target_pass(batch)
+        self._last_rows = int(targets.rows.sum())
         step_logits = model(features, embeds, targets.rows, targets.positions)
         return ttt.ttt_loss(step_logits, targets, self.vocab, self.config.step_weight)
 
