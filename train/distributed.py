@@ -48,8 +48,9 @@ def make_accelerator(cfg: Any):
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         elif world_env > 1:
             kwargs["cpu"] = True  # MULTI_CPU with gloo; a plain Accelerator() would run N separate jobs
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=resolve_mixed_precision(cfg),
-                      **kwargs)
+    mixed = resolve_mixed_precision(cfg)
+    _forget_other_precision(mixed)
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, **kwargs)
     if acc.num_processes != world_env:
         raise RuntimeError(
             f"accelerate sees {acc.num_processes} process(es) ({acc.distributed_type}) but the launcher started "
@@ -87,6 +88,17 @@ def resolve_mixed_precision(cfg: Any, warn=None) -> str:
                 f"mixed_precision=bf16 on this CPU: bf16 matmuls measured {ratio:.2f}x fp32 speed here "
                 f"({precision_probe(device).hardware}); training will be slower than with mixed_precision=no")
     return mode
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses an Accelerator with another mixed
+    precision; two runs in one process (the main job trains EAGLE-3 with bf16 autocast, then early-exit
+    heads without) get a fresh AcceleratorState. The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _skip_deepspeed_shm_op() -> None:
