@@ -121,16 +121,24 @@ def load_rows(cfg: Any, tok, vocab: int, say: Callable[[str], None] = print,
               rows: list[dict] | None = None, stats: dict | None = None) -> tuple[list[dict], list[dict], dict]:
     """Conversations -> (train rows, eval rows, stats), each row ``{"row_id", "input_ids", "loss_mask"}``.
 
-    The rows are `cfg.data` rendered with the target's chat template (`train.chat_data`; `max_length` /
-    `overflow` applied and counted), or `rows`/`stats` when given (an offline feature cache). Token ids
+    The rows are `cfg.data` (its first `max_conversations` when > 0) rendered with the target's chat template
+    (`train.chat_data`; `max_length` / `overflow` applied and counted), or `rows`/`stats` when given (an
+    offline feature cache). Token ids
     must lie in the target vocabulary; rows without an assistant token at t >= 1 (nothing to predict) are
     dropped and counted; the split is seeded (`eval_fraction`, `seed`); one summary line goes to `say`.
     """
+    limit = int(getattr(cfg, "max_conversations", 0) or 0)
     if rows is None:
         conversations = chat_data.load_conversations(list(cfg.data))
+        if limit:
+            conversations = conversations.select(range(min(limit, len(conversations))))
         tds, stats = chat_data.tokenize_dataset(tok, conversations, max_length=cfg.max_length, overflow=cfg.overflow)
         rows = [{"input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])} for r in tds]
+    elif limit:
+        rows = rows[:limit]
     stats = dict(stats or {})
+    if limit:
+        stats["rows"] = len(rows)
     top = max(max(r["input_ids"]) for r in rows)
     if top >= vocab:
         raise ValueError(f"data token id {top} is outside the target vocabulary of {vocab} "
@@ -142,7 +150,8 @@ def load_rows(cfg: Any, tok, vocab: int, say: Callable[[str], None] = print,
     if not kept:
         raise ValueError(f"data {cfg.data}: no conversation has an assistant token to predict ({stats})")
     train, held_out = chat_data.split_rows(kept, cfg.eval_fraction, cfg.seed)
-    say(f"data: {stats['rows']} conversations, kept {len(kept)} (truncated {stats['truncated']}, dropped "
+    first = f" (the first {limit} of {', '.join(map(str, cfg.data))})" if limit else ""
+    say(f"data: {stats['rows']} conversations{first}, kept {len(kept)} (truncated {stats['truncated']}, dropped "
         f"{stats['dropped_too_long']} longer than max_length={cfg.max_length}, "
         f"{stats['dropped_no_assistant'] + stats['dropped_no_teacher_row']} without assistant tokens); "
         f"{len(train)} train / {len(held_out)} eval")

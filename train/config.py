@@ -38,6 +38,7 @@ class BaseTrainConfig:
     # with AMX-BF16), float32 elsewhere (hsd.precision)
     target_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
     data: list[str] = field(default_factory=lambda: ["data/smollm2_chat.jsonl"])
+    max_conversations: int = 0  # > 0: only the first N conversations of `data` (before the eval split); 0 = all
     eval_fraction: float = 0.05
     max_length: int = 512
     overflow: Literal["truncate", "drop"] = "truncate"  # longer conversations: cut at max_length, or skip
@@ -82,7 +83,7 @@ class BaseTrainConfig:
         for name in ("batch_size", "grad_accum", "num_epochs", "max_length", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "max_conversations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = only at the end), got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
