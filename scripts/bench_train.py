@@ -16,8 +16,8 @@ weights and an fp32 loss, as ``target_dtype: bfloat16`` + ``mixed_precision: bf1
      embeddings, final norm, LM head only on the teacher rows) plus the teacher construction;
    * ``head_step``: the head's training step given those features: TTT unroll (K steps), loss, backward, AdamW;
    and ``online_step = target_capture + head_step``;
-2. real conversation lengths and assistant masks (``--data``, the first ``--conversations`` rows, tokenized with
-   the target's chat template; token ids are random): the online step over all of them as padded batches of
+2. real conversation lengths and assistant masks (``--data``, ``--conversations`` rows drawn at random and
+   shuffled as the trainer's batches are, tokenized with the target's chat template; token ids are random): the online step over all of them as padded batches of
    ``--batch`` conversations (each as wide as its longest) and packed (train/packing.py: rows of
    ``--max-length`` tokens, attention block-diagonal per conversation), ``--packed-batch`` rows per batch;
    ``--repeats`` passes per mode, alternated, the fastest kept.
@@ -118,13 +118,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def conversation_rows(data: str, tokenizer: str, n: int, max_length: int, vocab: int) -> list[dict]:
-    """The first ``n`` conversations of ``data`` rendered with ``tokenizer``'s chat template (lengths and
-    assistant masks of real chat data), token ids replaced by random ids below ``vocab``."""
+    """``n`` conversations of ``data`` drawn and ordered at random (seed 0), as the trainer's shuffled batches
+    meet them, rendered with ``tokenizer``'s chat template (lengths and assistant masks of real chat data);
+    token ids replaced by random ids below ``vocab``."""
     from hsd.models import resolve
 
     tok = resolve.load_tokenizer(tokenizer)
     ds = chat_data.load_conversations([data])
-    ds = ds.select(range(min(n, len(ds))))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    ds = ds.select(order)
     tds, _ = chat_data.tokenize_dataset(tok, ds, max_length=max_length)
     g = torch.Generator().manual_seed(0)
     return [{"row_id": i, "input_ids": torch.randint(0, vocab, (len(r["input_ids"]),), generator=g).tolist(),

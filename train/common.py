@@ -58,11 +58,12 @@ def precision_record(cfg: Any, accelerator, feature_dtype: torch.dtype | str) ->
 def precision_line(record: dict[str, Any]) -> str:
     """One line for the log: what runs in which precision here, and why."""
     probe, ratio = record["probe"], record.get("bf16_speedup")
-    measured = f"bf16 measured {ratio:.2f}x fp32 speed" if ratio is not None else "bf16 not measured"
+    why = probe["reason"]
+    if probe.get("batch_speedup") is None and ratio is not None:  # an override: still say what bf16 costs here
+        why = f"{why}; bf16 measured {ratio:.2f}x fp32 speed"
     return (f"precision: target features {record['feature_dtype']} (target_dtype={record['target_dtype_config']}), "
             f"head autocast {record['mixed_precision']} (mixed_precision={record['mixed_precision_config']}), "
-            f"fp32 master weights, teacher and loss in fp32; auto = {probe['dtype']} on {probe['hardware']} "
-            f"({measured}; {probe['reason']})")
+            f"fp32 master weights, teacher and loss in fp32; auto = {probe['dtype']} on {probe['hardware']} ({why})")
 
 
 def compute_dtype(record: dict[str, Any]) -> torch.dtype:
