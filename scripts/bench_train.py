@@ -182,17 +182,23 @@ def random_batch(online: Online, batch: int, seq_len: int, assistant_fraction: f
             {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": lm}.items()}
 
 
-def over_data(online: Online, rows: list[dict], per_batch: int, warmup: int) -> dict:
+def over_data(online: Online, rows: list[dict], per_batch: int, warmup: int, cached: bool = False) -> dict:
     """The online step over every row of ``rows`` (conversations, or packed rows) in batches of ``per_batch``;
-    the first ``warmup`` batches are run once more, untimed, before."""
+    the first ``warmup`` batches are run once more, untimed, before. ``cached``: the head step alone, on
+    target outputs captured beforehand (untimed), as ``cache_target`` trains after the first epoch."""
     batches = [{k: v.to(online.device) for k, v in chat_data.collate(rows[i:i + per_batch], 0).items()}
                for i in range(0, len(rows), per_batch)]
-    for b in batches[:warmup]:
-        online.step(b)
+    parts = [online.capture(b) for b in batches] if cached else None
+
+    def run(i: int) -> None:
+        online.head_step(*parts[i]) if cached else online.step(batches[i])
+
+    for i in range(min(warmup, len(batches))):
+        run(i)
     sync(online.device)
     t0 = time.perf_counter()
-    for b in batches:
-        online.step(b)
+    for i in range(len(batches)):
+        run(i)
     sync(online.device)
     secs = time.perf_counter() - t0
     useful = sum(int(b["loss_mask"].sum()) for b in batches)
@@ -220,6 +226,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=512, help="truncation, and the packed row length")
     p.add_argument("--packed-batch", type=int, default=0,
                    help="packed rows per batch (0: about as many tokens per batch as the padded batches hold)")
+    p.add_argument("--cached", action="store_true",
+                   help="also time the head step alone on cached target outputs (cache_target after epoch 1)")
     p.add_argument("--repeats", type=int, default=2, help="passes over the data per mode (alternated; fastest kept)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -287,17 +295,24 @@ def main(argv=None) -> dict:
         print(f"  online step (capture + head) {(t_cap + t_head) * 1e3:9.1f} ms  {run['online_step_tok_s']:10.0f} tok/s;"
               f" head step / target forward {run['ratio']:.2f}x (analytic matmul FLOPs {run['matmul_flop_ratio']:.2f}x)")
         if rows is not None:
+            modes = [("padded", rows, batch, False), ("packed", packed, packed_batch, False)]
+            if a.cached:
+                modes += [("padded_cached", rows, batch, True), ("packed_cached", packed, packed_batch, True)]
             for i in range(a.repeats):  # alternated, fastest kept: a busy machine's drift hits both modes alike
-                for mode, data_rows, per in (("padded", rows, batch), ("packed", packed, packed_batch)):
-                    r = over_data(online, data_rows, per, a.warmup if i == 0 else 0)
+                for mode, data_rows, per, cached in modes:
+                    r = over_data(online, data_rows, per, a.warmup if i == 0 else 0, cached)
                     if mode not in run or r["seconds"] < run[mode]["seconds"]:
                         run[mode] = r
-            for mode in ("padded", "packed"):
+            for mode, *_ in modes:
                 r = run[mode]
-                print(f"  {mode:6s} {len(rows)} conversations: {r['batches']:3d} batches, {r['fill']:.0%} real "
+                print(f"  {mode:13s} {len(rows)} conversations: {r['batches']:3d} batches, {r['fill']:.0%} real "
                       f"positions, {r['ms_per_batch']:8.1f} ms/batch, {r['useful_tok_s']:8.1f} useful tok/s")
             run["packed_over_padded"] = run["packed"]["useful_tok_s"] / run["padded"]["useful_tok_s"]
             print(f"  packing: {run['packed_over_padded']:.2f}x useful tokens/s")
+            if a.cached:
+                run["packed_over_padded_cached"] = (run["packed_cached"]["useful_tok_s"]
+                                                    / run["padded_cached"]["useful_tok_s"])
+                print(f"  packing, head step alone (cached target): {run['packed_over_padded_cached']:.2f}x")
         res["runs"][name] = run
         del online
     if {"float32", "bfloat16"} <= set(res["runs"]):
