@@ -154,8 +154,9 @@ def training_precision(cfg: Any) -> TrainingPrecision:
     feature = common.dtype_name(common.target_dtype(cfg))
     mixed = resolve_mixed_precision(cfg, warn=lambda _msg: None)
     probe, ratio = precision_probe(device), bf16_speedup(device)
-    measured = f"bf16 matmuls measured {ratio:.2f}x fp32 speed" if ratio is not None else probe.reason
-    why = f"auto = {probe.dtype} on {probe.hardware}: {measured}"
+    measured = f"bf16 matmuls measured {ratio:.2f}x fp32 speed" if ratio is not None else ""
+    reason = probe.reason if probe.batch_speedup is None else ""  # an override or a GPU says so; else the ratio
+    why = f"auto = {probe.dtype} on {probe.hardware}: " + "; ".join(p for p in (reason, measured) if p)
     return TrainingPrecision(feature, mixed, "bfloat16" in (feature, {"bf16": "bfloat16"}.get(mixed)), why)
 
 
