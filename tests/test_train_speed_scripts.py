@@ -24,7 +24,7 @@ def test_bench_train_records_machine_and_compares_packing(tmp_path, capsys):
     bench = _script("bench_train")
     out = tmp_path / "bench.json"
     res = bench.main(["--preset", "tiny", "--dtypes", "float32", "--batch", "2", "--seq-len", "16", "--steps", "2",
-                      "--conversations", "4", "--max-length", "512", "--iters", "1", "--warmup", "0",
+                      "--conversations", "4", "--max-length", "512", "--packed-batch", "2", "--iters", "1", "--warmup", "0",
                       "--repeats", "1", "--json", str(out)])
     text = capsys.readouterr().out
     assert "flags:" in text and "bf16 here: matmul" in text and "packing:" in text
