@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import write_tiny_chat_run
+from train import common
 from train.config import load_config
 from train.eagle3 import Eagle3Task, Eagle3TrainConfig
 from train.early_exit import EarlyExitTask, EarlyExitTrainConfig
@@ -107,3 +108,6 @@ def test_packed_runs_end_to_end_with_records(env, tmp_path):
     train(EarlyExitTask(ee_cfg(env, out, "packing=true", "max_steps=2", "eval_fraction=0.25")))
     for folder in (out / "final", out / "final" / "layer_2", out / "final" / "layer_4"):
         assert json.loads((folder / "precision.json").read_text())["feature_dtype"] == "float32"
+    (out / "final" / "layer_2" / "precision.json").unlink()  # read_precision falls back to the parent folder
+    assert common.read_precision(out / "final" / "layer_2")["feature_dtype"] == "float32"
+    assert common.read_precision(tmp_path) is None
