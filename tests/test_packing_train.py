@@ -111,3 +111,8 @@ def test_packed_runs_end_to_end_with_records(env, tmp_path):
     (out / "final" / "layer_2" / "precision.json").unlink()  # read_precision falls back to the parent folder
     assert common.read_precision(out / "final" / "layer_2")["feature_dtype"] == "float32"
     assert common.read_precision(tmp_path) is None
+
+
+def test_offline_features_refuse_packing(env, tmp_path):
+    with pytest.raises(ValueError, match="packing=true is for features=online"):
+        e3_cfg(env, tmp_path, "packing=true", "features=offline", f"feature_cache_dir={tmp_path}")
