@@ -148,3 +148,45 @@ def bf16_speedup(device: torch.device | str = "cpu") -> float | None:
 @functools.cache
 def _measured(device_type: str) -> PrecisionProbe:
     return measure(device_type)
+
+
+# The shape whose measured speed stands for a device's peak matmul FLOP/s (MFU estimates): large enough to
+# reach a CPU core's or a GPU's steady-state rate, small enough to time in well under a second.
+PEAK_SHAPE = {"cpu": (1024, 1024, 1024), "cuda": (8192, 8192, 8192)}
+
+
+def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      budget_s: float = 0.25) -> float:
+    """Measured FLOP/s of one large matmul (:data:`PEAK_SHAPE`) in ``dtype`` on ``device`` with the current
+    torch threads: the denominator of the trainers' MFU estimates. Measured, not a datasheet figure, because a
+    CPU's real peak depends on its vector units, clocks and how many threads run (cached per process)."""
+    dev = torch.device(device)
+    return _peak(dev.type, str(dtype), torch.get_num_threads(), budget_s)
+
+
+@functools.cache
+def _peak(device_type: str, dtype: str, threads: int, budget_s: float) -> float:
+    m, k, n = PEAK_SHAPE.get(device_type, PEAK_SHAPE["cpu"])
+    dt, dev = getattr(torch, dtype.removeprefix("torch.")), torch.device(device_type)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device=dev, dtype=dt)
+    b = torch.randn(k, n, generator=gen).to(device=dev, dtype=dt)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = max(1, m // 8)
+    t0 = time.perf_counter()
+    a[:rows] @ b  # warm-up on an eighth of the rows
+    sync()
+    small = time.perf_counter() - t0
+    if 8 * small > 4 * budget_s:  # an emulated dtype (bf16 on AVX2): its slow rate does not depend on the shape
+        return 2.0 * rows * k * n / max(small, 1e-12)
+    a @ b
+    sync()
+    best, spent = float("inf"), 0.0
+    while spent < budget_s:  # the fastest of as many as fit the budget (one, where the dtype is emulated)
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        dt_s = time.perf_counter() - t0
+        best, spent = min(best, dt_s), spent + dt_s
+    return 2.0 * m * k * n / max(best, 1e-12)
+

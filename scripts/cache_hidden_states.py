@@ -102,7 +102,8 @@ def main(argv=None) -> None:
         "target": str(args.model), "layers": layers, "hidden_size": int(model.config.hidden_size),
         "num_target_layers": num_layers(model), "vocab_size": int(model.config.vocab_size),
         "tokenizer_size": len(tok), "pad_token_id": resolve.pad_id_of(tok),
-        "dtype": args.store_dtype, "shard_size": args.shard_size, "num_rows": len(rows), "num_shards": n_shards,
+        "dtype": args.store_dtype, "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "shard_size": args.shard_size, "num_rows": len(rows), "num_shards": n_shards,
         "data": [str(d) for d in args.data], "max_length": args.max_length, "overflow": args.overflow,
         "limit": args.limit, "tokenize_stats": stats,
     }
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
     meta_path = out / META
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        diff = sorted(k for k in meta if old.get(k) != meta[k])
+        diff = sorted(k for k in meta if k in old and old[k] != meta[k])  # keys an older cache lacks: not compared
         if diff:
             raise SystemExit(f"{out} holds a cache made with different settings ({', '.join(diff)}); "
                              f"use another --out or delete it")

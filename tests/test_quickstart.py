@@ -91,10 +91,12 @@ def _check_readme_block(out, printed, rows, readme):
     log = (out / "main_job.log").read_text()
     ours, shown = log.splitlines(), iter(printed.splitlines())
     assert all(any(ln == p for p in shown) for ln in ours)  # the job's own lines, in the order printed
-    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 16
+    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 18
     assert ours[1] == f"machine: {machine_line(machine_info('cpu', torch.float32))}"  # conftest pins auto = fp32
     assert f"Machine: {ours[1].removeprefix('machine: ')}" in (out / "report.md").read_text().splitlines()
     assert any(ln.strip().startswith("Precision: decode float32") for ln in ours)  # which precision decoded, and why
+    assert ours[2].startswith("precision: EAGLE-3 trains on float32 target features") and "measured" in ours[2]
+    assert ours[3].startswith("data: EAGLE-3 trains on")
     readme.write_text("# x\n\nbefore\n<!-- main-job:begin old -->\nstale\n<!-- main-job:end -->\nafter\n")
     assert quickstart.readme_main([str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()

@@ -396,7 +396,9 @@ def collate(rows: Sequence[Mapping[str, Any]], pad_id: int, *,
             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad rows of ``input_ids``/``loss_mask`` -> ``input_ids``, ``attention_mask``, ``loss_mask`` [B, S] long.
 
-    Padding positions have attention_mask = loss_mask = 0 and input id ``pad_id``.
+    Padding positions have attention_mask = loss_mask = 0 and input id ``pad_id``. Packed rows
+    (``train.packing``) also carry ``position_ids``: collated too, the padding tail of each row numbered
+    0, 1, ... as a segment of its own (``hsd.models.packing``).
     """
     if not rows:
         raise ValueError("rows is empty")
@@ -417,7 +419,20 @@ def collate(rows: Sequence[Mapping[str, Any]], pad_id: int, *,
         ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
         att[i, :n] = 1
         lm[i, :n] = torch.as_tensor(r["loss_mask"], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": lm}
+    out = {"input_ids": ids, "attention_mask": att, "loss_mask": lm}
+    packed = ["position_ids" in r for r in rows]
+    if any(packed):
+        if not all(packed):
+            raise ValueError("rows mix packed (with position_ids) and unpacked rows")
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = lengths[i]
+            if len(r["position_ids"]) != n:
+                raise ValueError(f"row {i}: input_ids has {n} tokens but position_ids has {len(r['position_ids'])}")
+            pos[i, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
+            pos[i, n:] = torch.arange(width - n)
+        out["position_ids"] = pos
+    return out
 
 
 def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -33,12 +33,18 @@ class BaseTrainConfig:
 
     output_dir: str = "runs/default"
     target: str = "smollm2-135m"
-    # auto: fp32 on a CPU (bf16 is ~25x slower there), bf16 on a GPU
+    # the frozen target's weights, hence the dtype of the features the heads learn from (recorded in every saved
+    # head's precision.json); auto: bfloat16 where bf16 matmuls are measured faster on this device (GPUs, CPUs
+    # with AMX-BF16), float32 elsewhere (hsd.precision)
     target_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
     data: list[str] = field(default_factory=lambda: ["data/smollm2_chat.jsonl"])
+    max_conversations: int = 0  # > 0: only the first N conversations of `data` (before the eval split); 0 = all
     eval_fraction: float = 0.05
     max_length: int = 512
     overflow: Literal["truncate", "drop"] = "truncate"  # longer conversations: cut at max_length, or skip
+    # concatenate conversations into rows of <= max_length tokens, attention block-diagonal per conversation
+    # (train/packing.py); batch_size then counts packed rows
+    packing: bool = False
     batch_size: int = 1  # per process (micro-batch)
     grad_accum: int = 1
     num_epochs: int = 1
@@ -50,7 +56,9 @@ class BaseTrainConfig:
     warmup_ratio: float = 0.015
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 0.5  # <= 0 disables clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate autocast (GPU only)
+    # autocast of the trainable head(s) (fp32 master weights and optimizer state; teacher and loss in fp32);
+    # auto: bf16 where hsd.precision measures bf16 faster than fp32 on this device, else no
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
@@ -75,7 +83,7 @@ class BaseTrainConfig:
         for name in ("batch_size", "grad_accum", "num_epochs", "max_length", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "max_conversations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = only at the end), got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:

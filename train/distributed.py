@@ -48,11 +48,9 @@ def make_accelerator(cfg: Any):
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         elif world_env > 1:
             kwargs["cpu"] = True  # MULTI_CPU with gloo; a plain Accelerator() would run N separate jobs
-    if cfg.mixed_precision != "no" and not torch.cuda.is_available():
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r} needs a GPU (this CPU emulates bf16/fp16 "
-                         "about 25x slower); use mixed_precision=no")
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                      **kwargs)
+    mixed = resolve_mixed_precision(cfg)
+    _forget_other_precision(mixed)
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, **kwargs)
     if acc.num_processes != world_env:
         raise RuntimeError(
             f"accelerate sees {acc.num_processes} process(es) ({acc.distributed_type}) but the launcher started "
@@ -62,6 +60,45 @@ def make_accelerator(cfg: Any):
         raise ValueError(f"grad_accum={cfg.grad_accum} but accelerate uses {acc.gradient_accumulation_steps} "
                          "(set by the accelerate config / ACCELERATE_GRADIENT_ACCUMULATION_STEPS); make them agree")
     return acc
+
+
+def resolve_mixed_precision(cfg: Any, warn=None) -> str:
+    """The autocast mode accelerate gets for ``cfg.mixed_precision`` on this machine: "no", "bf16" or "fp16".
+
+    ``auto`` is the one measured precision decision (:func:`hsd.precision.precision_probe`): bf16 where bf16
+    matmuls are faster than fp32 on this device, else no. An explicit ``bf16`` is obeyed everywhere, on a CPU
+    through torch's CPU autocast; where bf16 was measured slower than fp32 (an AVX2-only CPU emulates it) one
+    line says so with the measured ratio. ``fp16`` needs a GPU (a CPU has no fp16 autocast with loss scaling).
+    """
+    from hsd.precision import bf16_speedup, precision_probe
+
+    mode = cfg.mixed_precision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if mode == "auto":
+        return "bf16" if precision_probe(device).dtype == "bfloat16" else "no"
+    if mode == "fp16" and device == "cpu":
+        raise ValueError("mixed_precision=fp16 needs a GPU (CPU autocast has no fp16 loss scaling); use "
+                         "mixed_precision=bf16 or no")
+    if mode == "bf16" and device == "cpu":
+        ratio = bf16_speedup(device)
+        if ratio is not None and ratio < 1.0:
+            import logging
+
+            (warn or logging.getLogger(__name__).warning)(
+                f"mixed_precision=bf16 on this CPU: bf16 matmuls measured {ratio:.2f}x fp32 speed here "
+                f"({precision_probe(device).hardware}); training will be slower than with mixed_precision=no")
+    return mode
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses an Accelerator with another mixed
+    precision; two runs in one process (the main job trains EAGLE-3 with bf16 autocast, then early-exit
+    heads without) get a fresh AcceleratorState. The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _skip_deepspeed_shm_op() -> None:

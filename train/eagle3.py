@@ -53,7 +53,7 @@ from torch import nn
 from hsd.config import run_main
 from hsd.export.layout import check_aux_ids
 from hsd.models import capture as cap
-from hsd.models import resolve
+from hsd.models import packing, resolve
 from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
 from train import chat_data, common, draft_vocab, loop, ttt
 from train import distributed as dist_utils
@@ -97,6 +97,9 @@ class Eagle3TrainConfig(BaseTrainConfig):
             raise ValueError("features=offline needs feature_cache_dir (written by scripts/cache_hidden_states.py)")
         if self.features == "offline" and self.cache_target:
             raise ValueError("cache_target is for features=online (offline features are already cached)")
+        if self.features == "offline" and self.packing:
+            raise ValueError("packing=true is for features=online (a feature cache holds one conversation per row); "
+                             "set packing=false")
         if self.intermediate_size < 0:
             raise ValueError(f"intermediate_size must be >= 0 (0 = the target's), got {self.intermediate_size}")
 
@@ -111,9 +114,12 @@ class Eagle3TTTModel(nn.Module):
         self.steps = steps
         self.attention = attention
 
-    def forward(self, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
-        """-> per-step draft logits [N_k, Vd] at ``ttt.step_rows(rows, k)``."""
-        return ttt.ttt_unroll(self.draft, features, embeds, rows, self.steps, self.attention)
+    def forward(self, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """-> per-step draft logits [N_k, Vd] at ``ttt.step_rows(rows, k, position_ids)`` (packed rows:
+        ``position_ids`` [B, S])."""
+        return ttt.ttt_unroll(self.draft, features, embeds, rows, self.steps, self.attention,
+                              position_ids=position_ids)
 
 
 class Eagle3Task(loop.TrainTask):
@@ -162,6 +168,17 @@ class Eagle3Task(loop.TrainTask):
             raise ValueError("cache_target=true cannot be used with a ZeRO-3-sharded target (shard_target=true): "
                              "every rank must run each target forward together")
         self.cache: dict[int, tuple] | None = {} if cfg.cache_target else None
+        if cfg.packing:
+            packing.check_packed_target(self.target, vocab)
+        if self.features is not None:
+            store = str(self.features.meta.get("dtype", "float32"))
+            feature_dtype = store if store in ("bfloat16", "float16") else self.features.meta.get("compute_dtype", store)
+        else:
+            feature_dtype = next(self.target.parameters()).dtype
+        self.precision = common.precision_record(cfg, self.accelerator, feature_dtype)
+        self.print(common.precision_line(self.precision))
+        self.target_layer_params = common.linear_params(cap.decoder_layers(self.target))
+        self.target_ran, self._last_rows = False, 0
 
     def _setup_rows(self) -> None:
         cfg: Eagle3TrainConfig = self.config
@@ -171,6 +188,8 @@ class Eagle3Task(loop.TrainTask):
         self._train, self._eval, self.data_stats = common.load_rows(
             cfg, self.tokenizer, common.vocab_size(self.target), self.print, rows, stats, self._conversations)
         self._conversations = None  # rendered into rows; not kept
+        self.conversations = self._train  # the draft vocabulary counts conversations, packed or not
+        self._train, self._eval, self.packing_stats = common.pack_splits(cfg, self._train, self._eval, self.print)
 
     def _setup_vocab(self) -> None:
         """Draft vocabulary (from the training split, or the warm-start head's) and draft_vocab.json."""
@@ -178,9 +197,9 @@ class Eagle3Task(loop.TrainTask):
         vocab = common.vocab_size(self.target)
         if self.init_head is not None:
             self.vocab = self.init_head.draft_vocab.to("cpu")
-            coverage = draft_vocab.coverage(draft_vocab.token_counts(self._train, vocab), self.vocab)
+            coverage = draft_vocab.coverage(draft_vocab.token_counts(self.conversations, vocab), self.vocab)
         else:
-            self.vocab, coverage = draft_vocab.build_draft_vocab(self._train, vocab, cfg.draft_vocab_size)
+            self.vocab, coverage = draft_vocab.build_draft_vocab(self.conversations, vocab, cfg.draft_vocab_size)
         self.vocab_info = {
             "target": cfg.target, "target_revision": cfg.target_revision or None, "target_vocab_size": vocab,
             "draft_vocab_size": self.vocab.size, "coverage": coverage,
@@ -190,6 +209,7 @@ class Eagle3Task(loop.TrainTask):
             "ttt_steps": cfg.ttt_steps, "step_weight": cfg.step_weight,
             "data": list(cfg.data) if self.features is None else f"feature cache {cfg.feature_cache_dir}",
             "data_stats": dict(self.data_stats),
+            "packing": dict(self.packing_stats) or None,
         }
         self.print(f"draft vocab: {self.vocab.size} of {vocab} tokens, coverage {coverage:.4f} of assistant "
                    f"tokens; aux layers {self.aux_ids} of {cap.num_layers(self.target)}")
@@ -283,18 +303,22 @@ class Eagle3Task(loop.TrainTask):
     @torch.no_grad()
     def target_pass(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, ttt.TTTTargets]:
         """Frozen target (or a cache) -> (features [B, S, 3H_t], token embeddings [B, S, H], teacher targets)."""
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        rows = ttt.teacher_rows(batch["loss_mask"], am)
+        ids, am, pos = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        rows = ttt.teacher_rows(batch["loss_mask"], am, pos)
         row_ids = batch.get("row_id")
         keys = [int(r) for r in row_ids] if (self.cache is not None and row_ids is not None) else None
+        self.target_ran = False
         if keys is not None and all(k in self.cache for k in keys):
-            return self._from_cache(keys, ids.shape, rows)
+            return self._from_cache(keys, ids.shape, rows, pos)
         if self.features is not None:
             return self._from_feature_cache(batch, rows)
-        c = cap.capture(self.target, ids, am, layers=self.capture_ids, logits=False, final_hidden=True)
-        features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
-        embeds = c.hidden_states[0]
-        parts = ttt.teacher_parts(cap.output_logits(self.target, c.final_hidden[rows]), self.vocab)
+        self.target_ran = True
+        with common.target_pass_context(ids.device):
+            c = cap.capture(self.target, ids, layers=self.capture_ids, logits=False, final_hidden=True,
+                            **packing.target_inputs(am, pos))
+            features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
+            embeds = c.hidden_states[0]
+            parts = ttt.teacher_parts(cap.output_logits(self.target, c.final_hidden[rows]), self.vocab)
         if keys is not None:
             lengths, counts = am.sum(1).tolist(), rows.sum(1).tolist()
             start = 0
@@ -303,7 +327,7 @@ class Eagle3Task(loop.TrainTask):
                 start += counts[b]
                 self.cache[key] = (features[b, :lengths[b]].clone(), embeds[b, :lengths[b]].clone(),
                                    parts.logits_draft[sl].clone(), parts.logsumexp[sl].clone(), parts.top1[sl].clone())
-        return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
+        return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab, pos)
 
     def _from_feature_cache(self, batch: dict[str, torch.Tensor], rows: torch.Tensor):
         """Offline: cached aux/final hidden states, the target's embeddings and LM head (teacher rows only)."""
@@ -313,11 +337,12 @@ class Eagle3Task(loop.TrainTask):
         cached = collate_features([self.features[int(r)] for r in batch["row_id"]], self.pad_id)
         s = ids.shape[1]  # cached rows are whole conversations; the batch holds at most max_length of each
         aux, final = cached["aux_hidden"][:, :s].to(ids.device), cached["final_hidden"][:, :s].to(ids.device)
-        embeds = self.target.get_input_embeddings()(ids)
-        parts = ttt.teacher_parts(cap.output_logits(self.target, final[rows]), self.vocab)
+        with common.target_pass_context(ids.device):
+            embeds = self.target.get_input_embeddings()(ids)
+            parts = ttt.teacher_parts(cap.output_logits(self.target, final[rows]), self.vocab)
         return aux, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
 
-    def _from_cache(self, keys: list[int], shape, rows: torch.Tensor):
+    def _from_cache(self, keys: list[int], shape, rows: torch.Tensor, pos: torch.Tensor | None):
         entries = [self.cache[k] for k in keys]
         f0, e0 = entries[0][0], entries[0][1]
         features = f0.new_zeros(*shape, f0.shape[-1])
@@ -326,11 +351,31 @@ class Eagle3Task(loop.TrainTask):
             features[b, : f.shape[0]] = f
             embeds[b, : e.shape[0]] = e
         parts = ttt.TeacherParts(*(torch.cat([ent[i] for ent in entries]) for i in (2, 3, 4)))
-        return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
+        return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab, pos)
+
+    def compute_dtype(self) -> torch.dtype:
+        return common.compute_dtype(self.precision)
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """Matmul FLOPs of the last training ``loss`` (linear layers; attention scores left out): the target
+        forward over the real tokens and its LM head on the teacher rows when the target ran (not when a
+        cache served the batch), and the head's forward + backward (3x forward): ``fc`` on every real token,
+        the layer K times, its LM head on the scored rows of each step (at most the teacher rows)."""
+        tokens, rows = float(batch["attention_mask"].sum()), float(self._last_rows)
+        c = self.head_config
+        out = 0.0
+        if self.target_ran:
+            out += 2.0 * (self.target_layer_params * tokens + c.hidden_size * c.vocab_size * rows)
+        layer = (c.hidden_size * 2 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                 + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+        head = c.fc_input_size * c.hidden_size * tokens + self.config.ttt_steps * (
+            layer * tokens + c.hidden_size * c.draft_vocab_size * rows)
+        return out + 3.0 * 2.0 * head
 
     def loss(self, model, batch):
         features, embeds, targets = self.target_pass(batch)
-        step_logits = model(features, embeds, targets.rows)
+        self._last_rows = int(targets.rows.sum())
+        step_logits = model(features, embeds, targets.rows, targets.positions)
         return ttt.ttt_loss(step_logits, targets, self.vocab, self.config.step_weight)
 
     def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
@@ -345,6 +390,7 @@ class Eagle3Task(loop.TrainTask):
         draft = model.draft if isinstance(model, Eagle3TTTModel) else model
         common.save_pretrained_quietly(draft, directory)
         (pathlib.Path(directory) / "draft_vocab.json").write_text(json.dumps(self.vocab_info, indent=2))
+        common.write_precision(directory, self.precision)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

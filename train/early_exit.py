@@ -47,7 +47,7 @@ from torch import nn
 
 from hsd.config import run_main
 from hsd.models import capture as cap
-from hsd.models import resolve
+from hsd.models import packing, resolve
 from hsd.models.early_exit import (
     EarlyExitConfig,
     EarlyExitHead,
@@ -110,10 +110,14 @@ class EarlyExitTrainConfig(BaseTrainConfig):
 # ----------------------------------------------------------------------------------------------------
 
 
-def next_token_positions(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool: positions t whose next token t+1 is a (real) assistant token."""
+def next_token_positions(attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] bool: positions t whose next token t+1 is a (real) assistant token (of t's own conversation,
+    for packed rows with ``position_ids`` [B, S] restarting at 0 per conversation)."""
     sel = torch.zeros_like(loss_mask, dtype=torch.bool)
     sel[:, :-1] = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    if position_ids is not None:
+        sel[:, :-1] &= position_ids[:, 1:] > 0
     return sel
 
 
@@ -201,12 +205,16 @@ class EarlyExitHeads(nn.Module):
     def head(self, layer: int) -> EarlyExitHead:
         return self.heads[f"layer_{layer}"]
 
-    def forward(self, hidden_states: Sequence[torch.Tensor], select: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """hidden_states: one [B, S, H] per layer (order of ``self.layers``); select [B, S] bool.
+    def forward(self, hidden_states: Sequence[torch.Tensor], select: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """hidden_states: one [B, S, H] per layer (order of ``self.layers``); select [B, S] bool; packed rows:
+        ``position_ids`` [B, S] (attention-bearing heads then attend block-diagonally per conversation).
         Returns one [N, V'] logits tensor per layer (N = select.sum())."""
         if len(hidden_states) != len(self.layers):
             raise ValueError(f"hidden_states: expected {len(self.layers)} tensors, got {len(hidden_states)}")
-        return tuple(self.head(layer)(h, select=select).logits for layer, h in zip(self.layers, hidden_states))
+        mask = None if position_ids is None else packing.block_causal_mask(position_ids)
+        return tuple(self.head(layer)(h, position_ids=position_ids, attention_mask=mask, select=select).logits
+                     for layer, h in zip(self.layers, hidden_states))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,6 +242,9 @@ class EarlyExitTask(loop.TrainTask):
         self._setup_target()
         self._train, self._eval, self.data_stats = common.load_rows(
             self.config, self.tokenizer, common.vocab_size(self.target), self.print, conversations=conversations)
+        self.conversations = self._train  # the draft vocabulary counts conversations, packed or not
+        self._train, self._eval, self.packing_stats = common.pack_splits(self.config, self._train, self._eval,
+                                                                         self.print)
         self._setup_vocab()
         self._lens = {layer: self._make_head(layer, "lens") for layer in self.layers}
         cfg = self.config
@@ -261,12 +272,18 @@ class EarlyExitTask(loop.TrainTask):
         if cfg.draft_vocab_size > vocab:
             raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} exceeds the target vocab {vocab}")
         self.target_checksum = target_checksum(self.target)
+        if cfg.packing:
+            packing.check_packed_target(self.target, vocab)
+        self.precision = common.precision_record(cfg, self.accelerator, next(self.target.parameters()).dtype)
+        self.print(common.precision_line(self.precision))
+        self.target_layer_params = common.linear_params(cap.decoder_layers(self.target))
+        self._last_sel = 0
 
     def _setup_vocab(self) -> None:
         cfg, vocab = self.config, common.vocab_size(self.target)
         self.vocab = None
         if cfg.draft_vocab_size:
-            self.vocab, coverage = draft_vocab.build_draft_vocab(self._train, vocab, cfg.draft_vocab_size)
+            self.vocab, coverage = draft_vocab.build_draft_vocab(self.conversations, vocab, cfg.draft_vocab_size)
             self.print(f"draft vocab: {cfg.draft_vocab_size} of {vocab} tokens, "
                        f"coverage {coverage:.4f} of assistant tokens")
 
@@ -318,10 +335,11 @@ class EarlyExitTask(loop.TrainTask):
     # -- forward pieces ---------------------------------------------------------------------------------
     def _target_pass(self, batch: dict[str, torch.Tensor]):
         """Frozen target: (h_l per exit layer [B, S, H], select [B, S], target logits at select [N, V])."""
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        sel = next_token_positions(am, batch["loss_mask"])
-        c = cap.capture(self.target, ids, am, layers=self.layers, logits=False, final_hidden=True)
-        with torch.no_grad():
+        ids, am, pos = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        sel = next_token_positions(am, batch["loss_mask"], pos)
+        with common.target_pass_context(ids.device), torch.no_grad():
+            c = cap.capture(self.target, ids, layers=self.layers, logits=False, final_hidden=True,
+                            **packing.target_inputs(am, pos))
             target_logits = cap.output_logits(self.target, c.final_hidden[sel])
         return [c.hidden_states[layer] for layer in self.layers], sel, target_logits
 
@@ -355,7 +373,8 @@ class EarlyExitTask(loop.TrainTask):
             # Residual-stream rule, every step: frozen, unadapted target (cheap: flags only).
             assert_frozen_target(self.target, max(self.layers))
         hidden, sel, target_logits = self._target_pass(batch)
-        logits = model(hidden, sel)
+        self._last_sel = int(sel.sum())
+        logits = model(hidden, sel, batch.get("position_ids"))
         n_pos = target_logits.shape[0]
         n = torch.tensor(float(n_pos), device=target_logits.device)
         draft_ids = self._draft_ids(target_logits.device)
@@ -375,6 +394,23 @@ class EarlyExitTask(loop.TrainTask):
             with torch.no_grad():
                 metrics.update(self._lens_pairs(hidden, sel, target_logits))
         return loss, metrics
+
+    def compute_dtype(self) -> torch.dtype:
+        return common.compute_dtype(self.precision)
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """Matmul FLOPs of the last training ``loss`` (linear layers; attention scores left out): the target
+        forward over the real tokens plus its LM head on the selected rows, and per head its body's forward +
+        backward (3x; every real token for ``attn``, the selected rows otherwise) and the borrowed LM head on
+        the selected rows (forward + input gradient: 2x)."""
+        tokens, sel = float(batch["attention_mask"].sum()), float(self._last_sel)
+        tc = self.target.config
+        vocab = self.config.draft_vocab_size or int(tc.vocab_size)
+        out = 2.0 * (self.target_layer_params * tokens + int(tc.hidden_size) * int(tc.vocab_size) * sel)
+        for head in self._model.heads.values() if self._model is not None else ():
+            rows = tokens if head.config.head_type == "attn" else sel
+            out += 3.0 * 2.0 * common.linear_params(head.body) * rows + 2.0 * 2.0 * int(tc.hidden_size) * vocab * sel
+        return out
 
     def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
         out = {}
@@ -417,6 +453,8 @@ class EarlyExitTask(loop.TrainTask):
         self.check_target_unchanged()
         for layer in model.layers:
             common.save_pretrained_quietly(model.head(layer), pathlib.Path(directory) / f"layer_{layer}")
+            common.write_precision(pathlib.Path(directory) / f"layer_{layer}", self.precision)
+        common.write_precision(directory, self.precision)
 
     def on_save(self, directory: pathlib.Path, metrics: dict) -> None:
         summary = self._summary(metrics)

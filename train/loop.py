@@ -96,6 +96,16 @@ class TrainTask:
         """Extra metrics computed from the means (un-prefixed names in, un-prefixed names out)."""
         return {}
 
+    def flops(self, batch: dict[str, torch.Tensor]) -> float | None:
+        """Model FLOPs (forward + backward) of the last ``loss`` call on ``batch`` during training, for the
+        MFU estimate the loop logs; None: no estimate."""
+        return None
+
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype most of the training compute runs in (the MFU's peak is measured in it); None: bf16
+        under bf16 mixed precision, else float32."""
+        return None
+
     def save_model(self, model: torch.nn.Module, directory: pathlib.Path) -> None:
         """Write the unwrapped trainable model to `directory` (save_pretrained). Main process only."""
         raise NotImplementedError
@@ -144,6 +154,8 @@ class _Window:
 
     sums: MetricSums = dataclasses.field(default_factory=MetricSums)
     tokens: int = 0
+    useful: int = 0  # assistant tokens (loss-mask ones): what a head learns from, without padding or prompts
+    flops: float = 0.0
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -181,6 +193,7 @@ class _Trainer:
             model = self.task.model()
         self._setup_data()
         self._setup_optimization(model)
+        self._setup_peak()
         self._start_logging()
 
     def _prepare_output_dir(self) -> None:
@@ -238,6 +251,18 @@ class _Trainer:
             self.print(f"resumed from {self.resume_from} at step {st.step} (epoch {st.epoch}, "
                        f"batch {st.batches_in_epoch})")
 
+    def _setup_peak(self) -> None:
+        """The peak FLOP/s the MFU estimate divides by: a large matmul measured on this device in the task's
+        compute dtype (hsd.precision.matmul_peak_flops), with the threads training uses."""
+        from hsd.precision import matmul_peak_flops
+
+        dtype = self.task.compute_dtype() or (torch.bfloat16 if self.acc.mixed_precision == "bf16" else torch.float32)
+        self.peak_dtype = str(dtype).removeprefix("torch.")
+        self.peak_flops = matmul_peak_flops(self.acc.device, dtype)
+        self.print(f"throughput: useful tokens = assistant tokens (no padding, no prompt); MFU = model FLOPs / "
+                   f"(time x {self.peak_flops / 1e9:.1f} GFLOP/s, a measured {self.peak_dtype} matmul peak on "
+                   f"{self.acc.device} with {torch.get_num_threads()} thread(s))")
+
     def _start_logging(self) -> None:
         cfg = self.cfg
         self.jsonl = JsonlLog(self.out / "metrics.jsonl")
@@ -254,6 +279,7 @@ class _Trainer:
                 "trainable_params": self.n_trainable, "frozen_params_in_model": self.n_frozen,
                 "train_rows": len(self.train_ds), "eval_rows": len(self.eval_ds) if self.eval_ds is not None else 0,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "peak_flops": self.peak_flops, "peak_dtype": self.peak_dtype,
                 "resumed_from": str(self.resume_from) if self.resume_from else None,
                 "start_step": self.state.step,
                 "machine": machine_info(self.acc.device, parse_dtype(cfg.target_dtype, self.acc.device))}
@@ -284,6 +310,8 @@ class _Trainer:
                 st.batches_in_epoch += 1
                 window.sums.add_batch(loss, metrics)
                 window.tokens += count_tokens(batch)
+                window.useful += count_tokens(batch, "loss_mask")
+                window.flops += self.task.flops(batch) or 0.0
                 if not acc.sync_gradients:
                     continue
                 lr = self.scheduler.get_last_lr()[0]
@@ -351,15 +379,22 @@ class _Trainer:
         st, acc = self.state, self.acc
         means = window.sums.reduce(acc)
         means.update(self.task.derived_metrics(dict(means)) or {})
-        tokens = torch.tensor([window.tokens], dtype=torch.float64, device=acc.device)
-        tokens = float(acc.reduce(tokens, reduction="sum")) if self.world > 1 else float(tokens)
-        per_s = tokens / max(time.perf_counter() - window.start, 1e-9)
+        counts = torch.tensor([window.tokens, window.useful, window.flops], dtype=torch.float64, device=acc.device)
+        if self.world > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        tokens, useful, flops = (float(v) for v in counts)
+        secs = max(time.perf_counter() - window.start, 1e-9)
+        per_s = tokens / secs
         st.tokens += int(tokens)
         record = {"step": st.step, "epoch": st.epoch, "lr": lr, **{f"train/{k}": v for k, v in means.items()},
-                  "grad_norm": self.grad_norm, "tokens_per_s": per_s, "tokens": st.tokens}
+                  "grad_norm": self.grad_norm, "tokens_per_s": per_s, "useful_tokens_per_s": useful / secs,
+                  "tokens": st.tokens}
+        if flops > 0:  # every rank's work over all ranks' peak
+            record["mfu"] = flops / (secs * self.peak_flops * self.world)
         self.log(record)
         self.progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", tok_s=f"{per_s:.0f}")
-        self.print(format_line(st.step, self.total_steps, record, ["train/loss", "lr", "grad_norm", "tokens_per_s"]))
+        self.print(format_line(st.step, self.total_steps, record,
+                               ["train/loss", "lr", "grad_norm", "tokens_per_s", "useful_tokens_per_s", "mfu"]))
         return record
 
     def log(self, record: dict[str, Any]) -> None:

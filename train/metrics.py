@@ -56,8 +56,11 @@ class MetricSums:
         return {n: float(vals[i, 0] / vals[i, 1]) for i, n in enumerate(names) if float(vals[i, 1]) > 0}
 
 
-def count_tokens(batch: Mapping[str, Any]) -> int:
-    """Real tokens of a batch: its attention mask's sum (else the number of input ids)."""
+def count_tokens(batch: Mapping[str, Any], mask: str = "attention_mask") -> int:
+    """Real tokens of a batch: its attention mask's sum (else the number of input ids); with
+    ``mask="loss_mask"`` the tokens trained on (assistant tokens; 0 for a batch without a loss mask)."""
+    if mask != "attention_mask":
+        return int(batch[mask].sum()) if torch.is_tensor(batch.get(mask)) else 0
     if "attention_mask" in batch and torch.is_tensor(batch["attention_mask"]):
         return int(batch["attention_mask"].sum())
     if "input_ids" in batch and torch.is_tensor(batch["input_ids"]):

@@ -65,7 +65,12 @@ class QuickstartConfig:
     trees: list[str] = field(default_factory=list)  # draft trees "TOPK:DEPTH:TOTAL" decoded next to the chains
     decode_extra_args: list[str] = field(default_factory=list)
     threads: int = 1
-    eagle3_seconds_per_step: float = 4.2
+    # EAGLE-3 data size by the precision training runs in here (hsd.precision decides what auto means): the
+    # first N conversations of the eagle3 config's data (0 = the config's own max_conversations)
+    eagle3_conversations: int = 0
+    eagle3_conversations_bf16: int = 0
+    eagle3_seconds_per_step: float = 4.2  # measured per optimizer step of the eagle3 config, fp32 training
+    eagle3_seconds_per_step_bf16: float = 0.0  # the same with bf16 features + autocast (0: use the fp32 figure)
     early_exit_seconds_per_step: float = 2.5
     decode_tokens_per_s: float = 10.0
     setup_seconds: float = 30.0  # per training stage: target load, data, end-of-run evaluation
@@ -76,7 +81,8 @@ class QuickstartConfig:
             raise ValueError("output_dir must not be empty")
         if self.export_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
-        for name in ("num_prompts", "threads"):
+        for name in ("num_prompts", "threads", "eagle3_conversations", "eagle3_conversations_bf16",
+                     "eagle3_seconds_per_step_bf16"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
@@ -125,12 +131,48 @@ class Stage:
         return f"hsd-train {self.command} " + shlex.join(self.argv)
 
 
-def training_stages(qc: QuickstartConfig, out: Path) -> list[Stage]:
-    """The two training stages, writing under ``out/eagle3`` and ``out/early_exit``."""
+@dataclass
+class TrainingPrecision:
+    """How the EAGLE-3 stage trains on this machine (the trainer's own decision, made here first to size it)."""
+
+    feature_dtype: str  # the target's dtype: "float32" / "bfloat16" / "float16"
+    mixed_precision: str  # the head's autocast: "no" / "bf16" / "fp16"
+    bf16: bool  # any of them bf16: the bf16 size and cost figures apply
+    why: str  # one line: the measured decision behind "auto"
+
+
+def training_precision(cfg: Any) -> TrainingPrecision:
+    """What ``target_dtype`` and ``mixed_precision`` of a trainer config mean on this machine (``auto``: the
+    measured decision of hsd.precision, the same call the trainer makes)."""
+    import torch
+
+    from hsd.precision import bf16_speedup, precision_probe
+    from train import common
+    from train.distributed import resolve_mixed_precision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    feature = common.dtype_name(common.target_dtype(cfg))
+    mixed = resolve_mixed_precision(cfg, warn=lambda _msg: None)
+    probe, ratio = precision_probe(device), bf16_speedup(device)
+    measured = f"bf16 matmuls measured {ratio:.2f}x fp32 speed" if ratio is not None else ""
+    reason = probe.reason if probe.batch_speedup is None else ""  # an override or a GPU says so; else the ratio
+    why = f"auto = {probe.dtype} on {probe.hardware}: " + "; ".join(p for p in (reason, measured) if p)
+    return TrainingPrecision(feature, mixed, "bfloat16" in (feature, {"bf16": "bfloat16"}.get(mixed)), why)
+
+
+def eagle3_size_overrides(qc: QuickstartConfig, bf16: bool) -> list[str]:
+    """``max_conversations=N`` for the EAGLE-3 stage by precision (none when the quickstart leaves it 0)."""
+    n = qc.eagle3_conversations_bf16 if bf16 and qc.eagle3_conversations_bf16 else qc.eagle3_conversations
+    return [f"max_conversations={n}"] if n else []
+
+
+def training_stages(qc: QuickstartConfig, out: Path, eagle3_sizing: Sequence[str] = ()) -> list[Stage]:
+    """The two training stages, writing under ``out/eagle3`` and ``out/early_exit``; ``eagle3_sizing``
+    (``eagle3_size_overrides``) goes before the config's own ``eagle3_overrides``, which win."""
     from train import eagle3, early_exit
 
     return [Stage("eagle3", "train eagle3", eagle3.main, eagle3.Eagle3TrainConfig, qc.eagle3_config,
-                  [*qc.eagle3_overrides, f"output_dir={out / 'eagle3'}"]),
+                  [*eagle3_sizing, *qc.eagle3_overrides, f"output_dir={out / 'eagle3'}"]),
             Stage("early_exit", "train early-exit", early_exit.main, early_exit.EarlyExitTrainConfig,
                   qc.early_exit_config, [*qc.early_exit_overrides, f"output_dir={out / 'early_exit'}"])]
 
@@ -156,15 +198,32 @@ def finished_run(cfg: Any) -> bool:
 
 
 def planned_steps(cfg: Any) -> int:
-    """Optimizer steps a run config asks for (max_steps, else epochs x batches of its data files' rows)."""
+    """Optimizer steps a run config asks for: max_steps, else epochs x batches of its training rows (its data
+    files' rows, the first max_conversations of them; with packing the packed rows, counted exactly by
+    tokenizing and packing them as the trainer will)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    rows = 0
-    for name in cfg.data:
-        path = Path(name)
-        rows += sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
-    train_rows = rows - math.ceil(rows * cfg.eval_fraction)
+    if getattr(cfg, "packing", False):
+        train_rows = len(_packed_train_rows(cfg))
+    else:
+        rows = 0
+        for name in cfg.data:
+            path = Path(name)
+            rows += sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
+        if getattr(cfg, "max_conversations", 0):
+            rows = min(rows, cfg.max_conversations)
+        train_rows = rows - math.ceil(rows * cfg.eval_fraction)
     return cfg.num_epochs * max(1, train_rows // (cfg.batch_size * cfg.grad_accum))
+
+
+def _packed_train_rows(cfg: Any) -> list[dict]:
+    """The packed training rows the trainer will build from ``cfg`` (tokenizer only, no weights)."""
+    from hsd.models import resolve
+    from train import common
+
+    tok = resolve.load_tokenizer(cfg.target)
+    train, held_out, _ = common.load_rows(cfg, tok, len(tok), say=lambda _msg: None)
+    return common.pack_splits(cfg, train, held_out, say=lambda _msg: None)[0]
 
 
 def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
@@ -178,9 +237,12 @@ def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
     return n
 
 
-def estimate_seconds(qc: QuickstartConfig, stages: list[Stage], cfgs: list[Any], reused: list[bool]) -> dict[str, float]:
-    """Seconds per stage, from the configured steps and the per-step costs measured on this CPU (the config)."""
-    rate = {"eagle3": qc.eagle3_seconds_per_step, "early_exit": qc.early_exit_seconds_per_step}
+def estimate_seconds(qc: QuickstartConfig, stages: list[Stage], cfgs: list[Any], reused: list[bool],
+                     bf16: bool = False) -> dict[str, float]:
+    """Seconds per stage, from the configured steps and the per-step costs measured on this CPU (the config;
+    the EAGLE-3 cost of the precision it trains in here)."""
+    e3 = qc.eagle3_seconds_per_step_bf16 if bf16 and qc.eagle3_seconds_per_step_bf16 else qc.eagle3_seconds_per_step
+    rate = {"eagle3": e3, "early_exit": qc.early_exit_seconds_per_step}
     est = {s.name: 0.0 if done else qc.setup_seconds + planned_steps(c) * rate[s.name]
            for s, c, done in zip(stages, cfgs, reused)}
     layers = len(getattr(cfgs[1], "exit_layers", []) or [4])
@@ -321,6 +383,21 @@ def summary_lines(entries: list[dict], export_dir: Path, head_dir: Path, report:
             f"report: {report}"]
 
 
+def precision_lines(tp: TrainingPrecision, cfg: Any, qc: QuickstartConfig) -> list[str]:
+    """What the EAGLE-3 stage trains in and on, and why (printed by the job and written to its report)."""
+    n = cfg.max_conversations
+    other = qc.eagle3_conversations if tp.bf16 else qc.eagle3_conversations_bf16
+    data = (f"the first {n} conversations of {', '.join(map(str, cfg.data))}" if n
+            else f"all of {', '.join(map(str, cfg.data))}")
+    size_why = ("the bf16 size: bf16 is fast here" if tp.bf16 and qc.eagle3_conversations_bf16
+                else "the fp32 size: bf16 is not faster here" if qc.eagle3_conversations_bf16 else "the config's size")
+    pack = f", packed into rows of <= {cfg.max_length} tokens" if getattr(cfg, "packing", False) else ""
+    return [f"precision: EAGLE-3 trains on {tp.feature_dtype} target features with head autocast "
+            f"{tp.mixed_precision} (target_dtype={cfg.target_dtype}, mixed_precision={cfg.mixed_precision}; {tp.why})",
+            f"data: EAGLE-3 trains on {data}{pack} ({size_why}"
+            + (f"; {other} on a machine where the other precision applies" if other and other != n else "") + ")"]
+
+
 def training_lines(metrics: dict[str, dict]) -> list[str]:
     """One line per training stage with its held-out headline metrics (acceptance, accuracy, alpha)."""
     keep = ("acc_0", "accept", "alpha_mean", "top1_")
@@ -336,7 +413,8 @@ MACHINE_PREFIX = "Machine: "  # report.md's machine line (hsd.machine.machine_li
 
 
 def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: dict[str, Path],
-                 stage_notes: dict[str, str], checks: list[str], metrics: dict[str, dict], machine: str = "") -> None:
+                 stage_notes: dict[str, str], checks: list[str], metrics: dict[str, dict], machine: str = "",
+                 training_notes: Sequence[str] = ()) -> None:
     """``report.md``: the machine, results table, plots, the command of each step, where every artefact is."""
     entries = decode["runs"]
     meta = decode.get("meta", {})
@@ -355,7 +433,8 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
             for k, v in decode["exit_agreement"].items()), ""]
     if plots:
         lines += ["## Plots", "", *[f"![{p.stem}](decode/{p.name})" for p in plots], ""]
-    lines += ["## Training (held-out metrics at the end of each run)", "", *training_lines(metrics), "",
+    lines += ["## Training (held-out metrics at the end of each run)", "",
+              *[f"- {note}" for note in training_notes], *training_lines(metrics), "",
               "## Steps (each its own command)", ""]
     for name, cmd in commands.items():
         lines += [f"{name} ({stage_notes.get(name, 'ran')}):", "", "```", cmd, "```", ""]
@@ -446,13 +525,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
     qc = load_config(QuickstartConfig, args.config, overrides)
     out = Path(qc.output_dir)
-    stages = training_stages(qc, out)
+    plain = training_stages(qc, out)[0].load()  # the EAGLE-3 config before sizing: its precision settings
+    tp = training_precision(plain)
+    stages = training_stages(qc, out, eagle3_size_overrides(qc, tp.bf16))
     cfgs = [s.load() for s in stages]  # every config checked before anything runs
     for name in qc.prompts:
         if not Path(name).is_file():
             raise FileNotFoundError(f"prompt file not found: {name!r}")
     reused = [finished_run(c) for c in cfgs]
-    est = estimate_seconds(qc, stages, cfgs, reused)
+    est = estimate_seconds(qc, stages, cfgs, reused, tp.bf16)
+    notes_precision = precision_lines(tp, cfgs[0], qc)
     if qc.threads:
         import torch
 
@@ -462,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          + "; from the configured steps x measured costs in " + args.config + ")")
     machine = job_machine_line(cfgs[0])
     say(f"machine: {machine}")
+    for line in notes_precision:
+        say(line)
     if args.estimate_only:
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -496,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "early-exit heads": exits, "export validation": out / "export" / "validation.json",
                  "decode JSON": out / "decode" / "decode.json", "decode answers": out / "decode" / "answers",
                  "training logs": out / "eagle3" / "metrics.jsonl"}
-    write_report(report, decode, commands, artefacts, notes, checks, metrics, machine)
+    write_report(report, decode, commands, artefacts, notes, checks, metrics, machine, notes_precision)
     say(f"[5/5] wrote {report} ({(time.perf_counter() - t0) / 60:.1f} min)")
     for line in summary_lines(decode["runs"], export_dir, head, report):
         say(f"  {line}")

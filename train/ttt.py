@@ -26,6 +26,14 @@ rounding (tests/test_eagle3_ttt.py checks loss and gradients):
 Right padding is assumed (real tokens form a prefix), so causal masking alone keeps padding out of every
 real row.
 
+Packed rows (``packing: true``; ``hsd.models.packing``): several conversations per row, described by
+``position_ids`` [B, S] restarting at 0 per conversation. Then step-0 attention is block-causal (same
+conversation, key <= query), RoPE positions are the per-conversation ones (+ k at step k), a teacher row
+needs its next token in the same conversation, and row t of step k is scored only when teacher row
+``t + k + 1`` is in t's conversation (its position is >= k + 1). A row that reads tokens of the next
+conversation is never scored and no other row attends to it, so every scored row, the loss and the
+gradients equal those of the conversations unpacked (tests/test_packing.py).
+
 Teacher and masks (docs/eagle3_contract.md, "Loss"): teacher rows are the positions ``u`` whose next
 token ``x[u+1]`` is an assistant token (``loss_mask[u+1] = 1``); only those rows of the target's LM head
 are computed. Per row, with ``draft_ids = vocab.target_ids``: ``teacher = softmax(L[u][draft_ids])``
@@ -59,6 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hsd.models import packing
 from hsd.models.eagle3 import Eagle3DraftModel
 from hsd.models.layers import repeat_kv
 from hsd.models.vocab import DraftVocab
@@ -80,18 +89,25 @@ def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def teacher_rows(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, S] bool: rows u whose next token x[u+1] is a real assistant token (they get a teacher)."""
+def teacher_rows(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] bool: rows u whose next token x[u+1] is a real assistant token (they get a teacher); with
+    packed ``position_ids`` [B, S] also of u's own conversation (x[u+1] does not start the next one)."""
     m = loss_mask.bool()
     if attention_mask is not None:
         m = m & attention_mask.bool()
+    if position_ids is not None:
+        m = m & (position_ids > 0)
     rows = torch.zeros_like(m)
     rows[:, :-1] = m[:, 1:]
     return rows
 
 
-def step_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, S] bool: rows t of TTT step k that are scored (teacher row t + k + 1 exists)."""
+def step_rows(rows: torch.Tensor, k: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] bool: rows t of TTT step k that are scored (teacher row t + k + 1 exists, and with packed
+    ``position_ids`` lies in t's conversation, i.e. its position is >= k + 1)."""
+    if position_ids is not None:
+        rows = rows & (position_ids >= k + 1)
     return shift_left(rows, k + 1)
 
 
@@ -107,21 +123,28 @@ def _mask_cached(seq_len: int, step: int, device: str) -> torch.Tensor:
     return torch.cat(blocks, dim=1)
 
 
-def ttt_attention_mask(seq_len: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[S, (step+1) S] bool (True = attend): causal over step-0 keys, then one diagonal block per step 1..step."""
-    return _mask_cached(int(seq_len), int(step), str(torch.device(device)))
+def ttt_attention_mask(seq_len: int, step: int, device: torch.device | str = "cpu",
+                       causal: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, (step+1) S] bool (True = attend): causal over step-0 keys, then one diagonal block per step 1..step.
+    With ``causal`` [B, 1, S, S] (a packed batch's block-causal step-0 mask): [B, 1, S, (step+1) S]."""
+    if causal is None:
+        return _mask_cached(int(seq_len), int(step), str(torch.device(device)))
+    diag = torch.eye(seq_len, dtype=torch.bool, device=causal.device).expand(*causal.shape[:2], -1, -1)
+    return torch.cat([causal, *[diag] * step], dim=-1)
 
 
 def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                            scale: float) -> torch.Tensor:
+                            scale: float, causal: torch.Tensor | None = None) -> torch.Tensor:
     """Straightforward TTT attention. q [B, nh, S, d]; keys/values: step 0..k, each [B, nkv, S, d] -> [B, nh, S, d].
 
-    Scores: q . K_0 (causal) and, per step j >= 1, the diagonal q_t . K_j[t]; one softmax over all of them."""
+    Scores: q . K_0 (causal, or the block-causal ``causal`` [B, 1, S, S] of a packed batch) and, per step
+    j >= 1, the diagonal q_t . K_j[t]; one softmax over all of them."""
     S = q.shape[2]
     n_rep = q.shape[1] // keys[0].shape[1]
     k0, v0 = repeat_kv(keys[0], n_rep), repeat_kv(values[0], n_rep)
     scores = torch.matmul(q, k0.transpose(-1, -2)) * scale
-    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    if causal is None:
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     diag = [(q * repeat_kv(kj, n_rep)).sum(-1, keepdim=True) * scale for kj in keys[1:]]
     probs = torch.softmax(torch.cat([scores, *diag], dim=-1).float(), dim=-1).to(q.dtype)
@@ -132,28 +155,28 @@ def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], value
 
 
 def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                       scale: float) -> torch.Tensor:
-    """Fast TTT attention: one SDPA call over cat(K_0..K_k) with ``ttt_attention_mask``. Same shapes as the
-    reference."""
+                       scale: float, causal: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast TTT attention: one SDPA call over cat(K_0..K_k) with ``ttt_attention_mask``. Same shapes and
+    ``causal`` as the reference."""
     n_rep = q.shape[1] // keys[0].shape[1]
     if len(keys) == 1:
         return F.scaled_dot_product_attention(q, repeat_kv(keys[0], n_rep), repeat_kv(values[0], n_rep),
-                                              is_causal=True, scale=scale)
+                                              attn_mask=causal, is_causal=causal is None, scale=scale)
     kc = repeat_kv(torch.cat(list(keys), dim=2), n_rep)
     vc = repeat_kv(torch.cat(list(values), dim=2), n_rep)
-    mask = ttt_attention_mask(q.shape[2], len(keys) - 1, q.device)
+    mask = ttt_attention_mask(q.shape[2], len(keys) - 1, q.device, causal)
     return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale)
 
 
 def ttt_attention_auto(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                       scale: float) -> torch.Tensor:
+                       scale: float, causal: torch.Tensor | None = None) -> torch.Tensor:
     """The faster exact path per device. CUDA: ``ttt_attention_sdpa`` (no [S, S] score tensor in memory).
     CPU: causal SDPA at step 0 and the explicit reference from step 1 on; measured on this 2-core CPU at
     S = 384, 9 heads, K = 7 (forward + backward): the masked SDPA over (k+1) S keys takes ~2x the
     reference's time there, while causal SDPA beats explicit scores at step 0."""
     if q.is_cuda or len(keys) == 1:
-        return ttt_attention_sdpa(q, keys, values, scale)
-    return ttt_attention_reference(q, keys, values, scale)
+        return ttt_attention_sdpa(q, keys, values, scale, causal)
+    return ttt_attention_reference(q, keys, values, scale, causal)
 
 
 ATTENTION: dict[str, Callable] = {"auto": ttt_attention_auto, "sdpa": ttt_attention_sdpa,
@@ -165,12 +188,14 @@ ATTENTION: dict[str, Callable] = {"auto": ttt_attention_auto, "sdpa": ttt_attent
 
 
 def ttt_unroll(draft: Eagle3DraftModel, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor,
-               steps: int, attention: str = "auto", all_rows: bool = False) -> list[torch.Tensor]:
+               steps: int, attention: str = "auto", all_rows: bool = False,
+               position_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Run K = ``steps`` TTT steps. features [B, S, 3H_t]; embeds [B, S, H] with ``embeds[:, s] = embed(x_s)``;
-    rows [B, S] bool teacher rows (``teacher_rows``).
+    rows [B, S] bool teacher rows (``teacher_rows``); ``position_ids`` [B, S] for packed rows (positions
+    restarting at 0 per conversation; None = one conversation per row).
 
-    Returns one float32 logits tensor per step: [N_k, Vd] at the rows ``step_rows(rows, k)`` (row-major
-    order), or [B, S, Vd] for every row when ``all_rows`` (tests)."""
+    Returns one float32 logits tensor per step: [N_k, Vd] at the rows ``step_rows(rows, k, position_ids)``
+    (row-major order), or [B, S, Vd] for every row when ``all_rows`` (tests)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
     if steps < 1:
@@ -183,7 +208,12 @@ def ttt_unroll(draft: Eagle3DraftModel, features: torch.Tensor, embeds: torch.Te
     scale = 1.0 / math.sqrt(draft.config.head_dim)
     g = draft.fuse(features)
     embeds = embeds.to(g.dtype)
-    base_pos = torch.arange(s, device=g.device).expand(b, s)
+    if position_ids is None:
+        base_pos, causal = torch.arange(s, device=g.device).expand(b, s), None
+    else:
+        if position_ids.shape != (b, s):
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must be [B, S] = {(b, s)}")
+        base_pos, causal = position_ids.to(g.device), packing.block_causal_mask(position_ids.to(g.device))[:, None]
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     out = []
@@ -193,8 +223,8 @@ def ttt_unroll(draft: Eagle3DraftModel, features: torch.Tensor, embeds: torch.Te
         q, kk, vv, residual = draft.midlayer.qkv(e, g, cos, sin)
         keys.append(kk)
         values.append(vv)
-        h = draft.midlayer.finish(attend(q, keys, values, scale), residual)
-        hk = h if all_rows else h[step_rows(rows, k)]
+        h = draft.midlayer.finish(attend(q, keys, values, scale, causal), residual)
+        hk = h if all_rows else h[step_rows(rows, k, position_ids)]
         out.append(draft.compute_logits(hk).float())
         g = h
     return out
@@ -213,7 +243,8 @@ class TTTTargets:
     p_draft: torch.Tensor  # [N, Vd] float32, target probabilities of the draft ids (full-vocab softmax)
     top1: torch.Tensor  # [N] int64 target argmax (target ids)
     in_vocab: torch.Tensor  # [N] bool, top1 is in the draft vocabulary
-    position: torch.Tensor  # [N] int64, u (column of each row)
+    position: torch.Tensor  # [N] int64, u's position in its conversation (its column unless packed)
+    positions: torch.Tensor | None = None  # [B, S] position_ids of a packed batch (None: unpacked)
 
 
 @dataclass
@@ -234,25 +265,29 @@ def teacher_parts(row_logits: torch.Tensor, vocab: DraftVocab) -> TeacherParts:
 
 
 @torch.no_grad()
-def targets_from_parts(parts: TeacherParts, rows: torch.Tensor, vocab: DraftVocab) -> TTTTargets:
-    """TeacherParts of the rows marked in ``rows`` [B, S] (row-major) -> TTTTargets."""
+def targets_from_parts(parts: TeacherParts, rows: torch.Tensor, vocab: DraftVocab,
+                       position_ids: torch.Tensor | None = None) -> TTTTargets:
+    """TeacherParts of the rows marked in ``rows`` [B, S] (row-major) -> TTTTargets (``position_ids`` [B, S]
+    of a packed batch)."""
     n = int(rows.sum())
     if parts.logits_draft.shape[0] != n:
         raise ValueError(f"teacher has {parts.logits_draft.shape[0]} rows but rows marks {n}")
     ld = parts.logits_draft.float()
+    position = torch.nonzero(rows)[:, 1] if position_ids is None else position_ids[rows]
     return TTTTargets(rows=rows, teacher=torch.softmax(ld, -1), p_draft=torch.exp(ld - parts.logsumexp[:, None]),
                       top1=parts.top1, in_vocab=vocab.t2d.to(ld.device)[parts.top1],
-                      position=torch.nonzero(rows)[:, 1])
+                      position=position, positions=position_ids)
 
 
 @torch.no_grad()
-def build_targets(row_logits: torch.Tensor, rows: torch.Tensor, vocab: DraftVocab) -> TTTTargets:
-    """row_logits [N, V] (target logits at ``rows``, row-major) -> TTTTargets."""
+def build_targets(row_logits: torch.Tensor, rows: torch.Tensor, vocab: DraftVocab,
+                  position_ids: torch.Tensor | None = None) -> TTTTargets:
+    """row_logits [N, V] (target logits at ``rows``, row-major) -> TTTTargets (``position_ids``: packed)."""
     if row_logits.shape[-1] != vocab.vocab_size:
         raise ValueError(f"row_logits vocab {row_logits.shape[-1]} != the target vocabulary {vocab.vocab_size}")
     if row_logits.shape[0] != int(rows.sum()):
         raise ValueError(f"row_logits has {row_logits.shape[0]} rows but rows marks {int(rows.sum())}")
-    return targets_from_parts(teacher_parts(row_logits, vocab), rows, vocab)
+    return targets_from_parts(teacher_parts(row_logits, vocab), rows, vocab, position_ids)
 
 
 def ttt_loss(step_logits: Sequence[torch.Tensor], targets: TTTTargets, vocab: DraftVocab,
@@ -264,8 +299,8 @@ def ttt_loss(step_logits: Sequence[torch.Tensor], targets: TTTTargets, vocab: Dr
     metrics: Metrics = {}
     chain = torch.ones_like(rows)  # rows whose earlier drafts were all scored and right
     for k, logits in enumerate(step_logits):
-        sel = step_rows(rows, k)
-        pick = targets.position >= k + 1  # teacher rows u = t + k + 1 >= k + 1, same row-major order
+        sel = step_rows(rows, k, targets.positions)
+        pick = targets.position >= k + 1  # teacher rows u = t + k + 1, t in u's conversation; row-major order
         if logits.shape[0] != int(pick.sum()):
             raise ValueError(f"step {k}: {logits.shape[0]} logits rows but {int(pick.sum())} teacher rows")
         teacher, p_draft = targets.teacher[pick], targets.p_draft[pick]

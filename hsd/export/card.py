@@ -25,7 +25,7 @@ DECODE_RUN_KEYS = ("name", "temperature", "k", "method", "tau", "tokens_per_s", 
 TRAINING_KEYS = ("seed", "lr", "batch_size", "grad_accum", "num_epochs", "max_steps", "warmup_ratio", "min_lr_ratio",
                  "weight_decay", "max_grad_norm", "max_length", "overflow", "eval_fraction", "mixed_precision",
                  "target_dtype", "ttt_steps", "step_weight", "draft_vocab_size", "init_from_target", "features",
-                 "head_type", "rank", "temperature", "exit_layers")
+                 "head_type", "rank", "temperature", "exit_layers", "packing")
 SIMULATED_KEYS = ("eval/sim_accept_len", "eval/sim_accept_len_cond", "eval/sim_accept_len_alpha")
 
 
@@ -106,7 +106,31 @@ def _training(src: HeadSource) -> dict[str, Any]:
     for k in ("train_rows", "eval_rows", "world_size", "device", "trainable_params", "machine"):
         if k in src.run_info:
             out[k] = src.run_info[k]
+    if cfg.get("packing"):  # the loop's rows are packed rows of several conversations
+        for k in ("train_rows", "eval_rows"):
+            if k in out:
+                out[k.replace("_rows", "_packed_rows")] = out.pop(k)
     return path_free(out)
+
+
+def _precision(src: HeadSource) -> dict[str, Any] | None:
+    """How the head was trained, from its precision.json: the dtype of the target features it learned from
+    (a head serves best on features of that precision), the head's autocast and where it ran."""
+    p = src.precision
+    if not p:
+        return None
+    return {"feature_dtype": p.get("feature_dtype"), "mixed_precision": p.get("mixed_precision"),
+            "master_weights": p.get("master_weights"), "hardware": (p.get("probe") or {}).get("hardware"),
+            "bf16_speedup": p.get("bf16_speedup")}
+
+
+def _precision_text(s: dict[str, Any]) -> str:
+    p = s.get("training_precision")
+    if not p:
+        return "not recorded (a head saved before hsd-train wrote precision.json)"
+    return (f"target features {p['feature_dtype']}, head autocast {p['mixed_precision']}, "
+            f"{p.get('master_weights') or 'float32'} master weights (serve it on {p['feature_dtype']} target features "
+            "for the acceptance measured here)")
 
 
 def _common(src: HeadSource, target: TargetInfo, fmt: str, dtype: str) -> dict[str, Any]:
@@ -119,6 +143,8 @@ def _common(src: HeadSource, target: TargetInfo, fmt: str, dtype: str) -> dict[s
         "source_folder": src.folder.name,
         "target": target.reference(),
         "training": _training(src),
+        "feature_dtype": src.precision.get("feature_dtype"),
+        "training_precision": _precision(src),
     }
 
 
@@ -316,7 +342,10 @@ def eagle3_card(s: dict[str, Any], repo_ref: str) -> str:
     out.append("- Hyper-parameters: " + ", ".join(f"{label} {_hp(tr[k])}" for k, label in keys if k in tr) + "\n")
     out.append(f"- Steps: {tr.get('step')}" + (f" of {tr['total_steps']}" if tr.get("total_steps") else "")
                + (f" on {tr['train_rows']} training / {tr['eval_rows']} held-out conversations"
-                  if tr.get("train_rows") else "") + "\n\n")
+                  if tr.get("train_rows") else "")
+               + (f" on {tr['train_packed_rows']} training / {tr['eval_packed_rows']} held-out packed rows"
+                  if tr.get("train_packed_rows") else "") + "\n")
+    out.append(f"- Precision: {_precision_text(s)}\n\n")
 
     out.append("## Licence\n\n")
     lic = t.get("licence")
@@ -357,6 +386,7 @@ def early_exit_card(s: dict[str, Any], repo_ref: str) -> str:
                + "\n")
     out.append(f"- Weights dtype: {s['dtype']}; serving temperature the heads were trained at: "
                f"{_fmt(s.get('temperature'), 2)}\n")
+    out.append(f"- Training precision: {_precision_text(s)}\n")
     out.append(f"- Trained: step {tr.get('step')}" + (f" of {tr['total_steps']}" if tr.get("total_steps") else "")
                + (f"; data {', '.join(f'`{d}`' for d in tr.get('data') or [])}" if tr.get("data") else "") + "\n\n")
     if t.get("weights_note"):

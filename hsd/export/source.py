@@ -22,7 +22,7 @@ from typing import Any
 EAGLE3_TRAINING_MODEL_TYPE = "eagle3_draft"
 EARLY_EXIT_MODEL_TYPE = "hsd_early_exit"
 PROVENANCE_FILES = ("config.yaml", "metrics.json", "draft_vocab.json", "exit_metrics.json", "run_info.json",
-                    "state.json")
+                    "state.json", "precision.json")
 
 
 class ExportError(ValueError):
@@ -49,6 +49,7 @@ class HeadSource:
     exit_metrics: dict[str, Any] = field(default_factory=dict)
     run_info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    precision: dict[str, Any] = field(default_factory=dict)  # precision.json: feature_dtype, mixed_precision, ...
     found: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -168,6 +169,8 @@ def _read_provenance(src: HeadSource) -> None:
         src.metrics = _read_json(f["metrics.json"])
     if "state.json" in f and f["state.json"].parent in near:
         src.state = _read_json(f["state.json"])
+    if "precision.json" in f and f["precision.json"].parent in near:
+        src.precision = _read_json(f["precision.json"])
     if "draft_vocab.json" in f:
         src.vocab_info = _read_json(f["draft_vocab.json"])
     if "exit_metrics.json" in f:

@@ -359,9 +359,10 @@ class AttnBody(_Body):
     def forward(self, h, position_ids=None, attention_mask=None, cache: KVCache | None = None):
         """h [B, T, H] new positions; ``cache`` holds the previous P positions (appended in place).
 
-        position_ids [B, T] (default P + arange(T)); attention_mask [B, P + T] (1 = real token) or None.
-        Query t (absolute index P + t) attends to keys 0..P + t that are real tokens, and always to itself
-        (so padded queries stay finite; their outputs are ignored).
+        position_ids [B, T] (default P + arange(T)); attention_mask [B, P + T] (1 = real token) or None,
+        or [B, T, P + T] bool (True = attend; e.g. ``hsd.models.packing.block_causal_mask`` of packed rows),
+        which replaces the causal rule. Query t (absolute index P + t) attends to keys 0..P + t that are
+        real tokens, and always to itself (so padded queries stay finite; their outputs are ignored).
         """
         b, t, _ = h.shape
         cache = cache if cache is not None else KVCache()
@@ -376,7 +377,12 @@ class AttnBody(_Body):
         keys, values = cache.append(apply_rope(k, cos, sin), v)
         s = past + t
         allowed = causal_mask(past, t, h.device)[None]  # [1, T, S]
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if tuple(attention_mask.shape[1:]) != (t, s):
+                raise ValueError(f"attention_mask: a [B, T, P+T] mask needs shape [*, {t}, {s}], "
+                                 f"got {list(attention_mask.shape)}")
+            allowed = attention_mask.bool()
+        elif attention_mask is not None:
             if attention_mask.shape[-1] != s:
                 raise ValueError(f"attention_mask: needs {s} columns (cached + new), got {attention_mask.shape[-1]}")
             allowed = allowed & attention_mask[:, None, :].bool()
