@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hsd.config import run_main
@@ -162,7 +163,7 @@ class Eagle3Task(loop.TrainTask):
         check_aux_ids(aux_ids or default_aux_layer_ids(n_layers), n_layers)
         self.head_config = Eagle3Config.from_target(self.target.config, cfg.draft_vocab_size, aux_ids, **overrides)
         self.aux_ids = self.head_config.aux_layer_ids
-        self.capture_ids = sorted({0, *self.aux_ids})  # index 0 = token embeddings (the head's inputs)
+        self.capture_ids = list(self.aux_ids)
         self.init_head = self._load_init_head(vocab) if cfg.init_from else None
         if cfg.cache_target and dist_utils.shards_target(self.accelerator, cfg):
             raise ValueError("cache_target=true cannot be used with a ZeRO-3-sharded target (shard_target=true): "
@@ -317,7 +318,7 @@ class Eagle3Task(loop.TrainTask):
             c = cap.capture(self.target, ids, layers=self.capture_ids, logits=False, final_hidden=True,
                             **packing.target_inputs(am, pos))
             features = torch.cat([c.hidden_states[i] for i in self.aux_ids], dim=-1)
-            embeds = c.hidden_states[0]
+            embeds = self.token_embeddings(ids)
             parts = ttt.teacher_parts(cap.output_logits(self.target, c.final_hidden[rows]), self.vocab)
         if keys is not None:
             lengths, counts = am.sum(1).tolist(), rows.sum(1).tolist()
@@ -329,6 +330,13 @@ class Eagle3Task(loop.TrainTask):
                                    parts.logits_draft[sl].clone(), parts.logsumexp[sl].clone(), parts.top1[sl].clone())
         return features, embeds, ttt.targets_from_parts(parts, rows, self.vocab, pos)
 
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] -> the head's token inputs [B, S, H]: a plain lookup in the target's embedding matrix, as
+        the head computes them when it decodes (``Eagle3DraftModel.embed``) and as vLLM / SGLang do. Not the
+        embedding *module*'s output, which some families scale (Gemma 3's scaled word embedding); a head
+        trained on scaled inputs would be served unscaled ones."""
+        return F.embedding(ids, self.target.get_input_embeddings().weight)
+
     def _from_feature_cache(self, batch: dict[str, torch.Tensor], rows: torch.Tensor):
         """Offline: cached aux/final hidden states, the target's embeddings and LM head (teacher rows only)."""
         ids = batch["input_ids"]
@@ -338,7 +346,7 @@ class Eagle3Task(loop.TrainTask):
         s = ids.shape[1]  # cached rows are whole conversations; the batch holds at most max_length of each
         aux, final = cached["aux_hidden"][:, :s].to(ids.device), cached["final_hidden"][:, :s].to(ids.device)
         with common.target_pass_context(ids.device):
-            embeds = self.target.get_input_embeddings()(ids)
+            embeds = self.token_embeddings(ids)
             parts = ttt.teacher_parts(cap.output_logits(self.target, final[rows]), self.vocab)
         return aux, embeds, ttt.targets_from_parts(parts, rows, self.vocab)
 

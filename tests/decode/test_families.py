@@ -318,3 +318,21 @@ def test_planted_law_faults_fail(replay, monkeypatch, name, plant):
     d = tv(engine_law(t, ids, "eagle3", None, "hsd"), TargetLaw(t, ids, 1.0).law())
     print(f"planted {name}: TV {d:.3f}")
     assert d > 1e-2
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma", "granite"])
+def test_eagle3_training_embeds_are_what_the_head_decodes_with(name):
+    """The trainer feeds the head the same token inputs it gets when decoding (a plain lookup in the target's
+    embedding matrix), not the embedding module's output, which Gemma 3 scales by sqrt(H)."""
+    from types import SimpleNamespace
+
+    from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from train.eagle3 import Eagle3Task
+
+    t = setup(name)[0]
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    head = Eagle3DraftModel(Eagle3Config.from_target(t.config, 16)).attach_target(t)
+    trained_on = Eagle3Task.token_embeddings(SimpleNamespace(target=t), x)
+    assert torch.equal(trained_on, head.embed(x))
+    if name == "gemma3_text":  # the module's output is scaled: training on it would not be what decoding feeds
+        assert not torch.allclose(t.get_input_embeddings()(x), head.embed(x))
