@@ -110,7 +110,9 @@ def test_card_states_what_the_issue_lists(tiny_run, tmp_path):
     assert "`[2, 4, 5]` (outputs of decoder layers [1, 3, 4])" in card and "capture before layer j" in card
     assert "48 of 96 tokens, coverage 0.9300" in card
     assert "step 40 of 40" in card and "`chat.jsonl`" in card
-    assert f"| Trained on | {machine_line(machine_info('cpu', torch.float32))} × 1 process(es) |" in card
+    trained = json.loads((tmp_path / "out" / "training_summary.json").read_text())["training"]["machine"]
+    assert trained["cpu"] == machine_info("cpu")["cpu"] and trained["precision"] == "float32"  # this machine, fp32
+    assert f"| Trained on | {machine_line(trained)} × 1 process(es) |" in card  # threads: the trainer's, not ours
     assert "**0.710** from per-step top-1 accuracy" in card  # held-out simulated acceptance
     assert "| eagle3-k3-greedy | 0.00 | 3 | greedy | 1.870 | 12.5 | 0.91 | yes | [0.52, 0.21, 0.09] | 1.30 |" in card
     assert "(prompts gsm8k 20, chat 20, code 10; max new tokens 128; batch size 1; drafts chain)" in card
