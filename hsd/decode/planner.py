@@ -129,3 +129,29 @@ def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
         best["predicted_speedup_vs_ar"] = (t1 + other) / best["predicted_tpot_ms"]
         out["best"][f"T{temp:g}"] = best
     return out
+
+
+# ------------------------------------------------------------------------------------------ exit stages
+# Early-exit configurations (kept apart from the chain / tree choices above). Costs in any one unit (ms or
+# t1 = one 1-token target step); agreement a = per-position acceptance toward the target (i.i.d.).
+
+
+def exit_drafter(k: int, a: float, c_step: float, c_final: float) -> tuple[float, float]:
+    """Early-exit self-drafting (layers 1..l + exit head draft, the target verifies): (expected tokens,
+    expected cost) per round of k drafts, each draft step costing ``c_step`` (layers 1..l over one token +
+    the head) and the verification ``c_final`` (the last draft through layers 1..l, layers l+1..L over the
+    k + 1 buffered rows, the LM head)."""
+    return expected_tokens(a, k), k * c_step + c_final
+
+
+def breakeven_agreement(cost_per_token, reference: float, lo: float = 0.0, hi: float = 0.9999) -> float | None:
+    """The smallest agreement a in [lo, hi] at which ``cost_per_token(a)`` (decreasing in a) reaches
+    ``reference`` (the cost per token of the configuration to beat); None when even ``hi`` loses."""
+    if cost_per_token(hi) > reference:
+        return None
+    if cost_per_token(lo) <= reference:
+        return lo
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost_per_token(mid) > reference else (lo, mid)
+    return hi
