@@ -33,9 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m", help="short name, model folder or Hub id")
     ap.add_argument("--head", help="EAGLE-3 head folder (save_pretrained) or Hub id")
-    ap.add_argument("--exit-head", help="early-exit head folder, or a training output folder with layer_<l>/ heads")
+    ap.add_argument("--exit-head", nargs="+", help="early-exit head folder(s), or training output folder(s) with "
+                                                   "layer_<l>/ heads (several: their layers are merged)")
     ap.add_argument("--exit-layer", type=int, nargs="+", help="exit layers to decode with (default: every head "
                                                               "found; all found heads get the agreement report)")
+    ap.add_argument("--drafter", nargs="+", default=[], metavar="exit:L",
+                    help="early-exit drafting: exit:L drafts with target layers 1..L + the exit head of layer L "
+                         "(no extra model), alone and under every deeper --exit-layer stage (HiSpec's three levels)")
+    ap.add_argument("--no-exit-stage", action="store_true",
+                    help="no exit-stage configurations (the exit heads still draft with --drafter exit:L)")
     ap.add_argument("--exit-window", type=int, default=1, help="window tokens before the full target pass")
     ap.add_argument("--draft-model", help="HF draft model (folder / Hub id) or layers:N (a layer-truncated copy "
                                           "of the target, for targets without a smaller sibling)")
@@ -127,6 +133,19 @@ def write_answers(path: Path, results, spec) -> None:
                              "decoding_steps": [s.target_calls for s in r.stats],
                              "accept_lengths": [[x.emitted for x in s.rounds] for s in r.stats]}],
                 "tstamp": time.time()}) + "\n")
+
+
+def exit_lines(rows: list[dict]) -> list[str]:
+    """One line per exit configuration (planner ``exit`` rows): the run it must beat, predicted and measured
+    speed-up against it, achieved vs break-even agreement."""
+    out = []
+    for r in rows:
+        need = r.get("breakeven_agreement")
+        ms, ps = r.get("measured_speedup_vs_baseline"), r.get("predicted_speedup_vs_baseline")
+        out.append(f"exit {r['name']} ({r['kind']}): vs {r['baseline']}: measured x{ms or float('nan'):.2f}, predicted "
+                   f"x{ps or float('nan'):.2f}; agreement {r['achieved_agreement']:.3f}, break-even "
+                   + (f"{need:.3f}" if need is not None else "> 0.9999 (cannot win at these costs)"))
+    return out
 
 
 def exit_agreement(models, prompts, outputs) -> dict[str, Any]:
@@ -224,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import Evaluator, build_grid, report_run, spec_settings, timestamp
+    from .evaluate import Evaluator, build_grid, exit_drafter_layer, report_run, spec_settings, timestamp
     from .loading import load_models
     from .planner import plan
     from .prompts import DEFAULT_PROMPT_FILES, load_prompts
@@ -255,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
             if layer not in models.exit_heads:
                 raise ValueError(f"--exit-layer {layer}: no exit head for it in {args.exit_head} "
                                  f"(found layers {sorted(models.exit_heads)})")
+        exit_drafters = []
+        for name in args.drafter:
+            layer = exit_drafter_layer(name)
+            if layer is None:
+                raise ValueError(f"--drafter {name!r}: expected exit:L (the EAGLE-3 head, a draft model and prompt "
+                                 "lookup have their own flags: --head, --draft-model)")
+            if layer not in models.exit_heads:
+                raise ValueError(f"--drafter {name}: no exit head for layer {layer} in {args.exit_head or '(no --exit-head)'}"
+                                 f" (found layers {sorted(models.exit_heads)})")
+            exit_drafters.append(layer)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -271,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     save_partial_args(out_dir, args)
     json_path = Path(args.json) if args.json else out_dir / "decode.json"
     specs = build_grid(args.temperature, args.k, args.method, args.backend, head=models.head is not None,
-                       exit_layers=args.exit_layer or sorted(models.exit_heads),
+                       exit_layers=[] if args.no_exit_stage else (args.exit_layer or sorted(models.exit_heads)),
+                       exit_drafters=exit_drafters,
                        draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
                        ar=not args.no_ar,
                        exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
@@ -364,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         m = row["measured_tpot_ms"]
         console.print(f"  {row['name']}: predicted {1e3 / row['predicted_tpot_ms']:.1f} tok/s, measured "
                       f"{(1e3 / m) if m else float('nan'):.1f} tok/s (decode only)")
+    for line in exit_lines(report["planner"].get("exit", [])):
+        console.print(line)
     if not args.no_plots:
         for p in plot_all(entries, out_dir):
             console.print(f"wrote {p}")

@@ -11,6 +11,13 @@ Three-level (draft -> exit head -> target), per window, i.i.d. acceptance: stage
 (acceptance ``beta`` per position toward p_l, cost ``K * c_draft + c_stage1``) until the window holds
 ``>= N`` tokens, then one final pass (cost ``c_final``) that accepts each window position with the
 exit head's agreement ``a``: the renewal-reward ratio of the research note (exact under i.i.d.).
+Exit drafter (target layers 1..l + exit head draft K tokens, the target verifies from the buffered h_l):
+``time = K * c_step + c_final + c_other``, ``tokens = sum_{j<=K} a^j``.
+Every exit configuration (``exit_rows``) is reported with its predicted and measured speed, the
+configuration it must beat (the same run without it: the same drafter without the exit stage, or plain
+decoding for an exit drafter), the agreement it reached and the agreement at which it would break even;
+the best configuration is the one predicted fastest, so an exit configuration predicted to lose against
+the run without it is never picked.
 Trees (measured shapes only: a tree's acceptance does not extrapolate to other shapes), per round:
 ``time = c_draft_round + c_pass(N + 1) + c_verify_round + c_other``, ``tokens = 1 + sum_depth reach_d``.
 """
@@ -68,7 +75,7 @@ def _decode_ms_per_token(e: dict) -> float | None:
 def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Predicted vs measured decode speed of every engine configuration, and the best predicted setting
     per temperature (K in 1..K_max, exit stage on/off, window)."""
-    out: dict[str, Any] = {"predicted_vs_measured": [], "best": {}}
+    out: dict[str, Any] = {"predicted_vs_measured": [], "best": {}, "exit": []}
     temps = sorted({e["temperature"] for e in entries})
     for temp in temps:
         es = [e for e in entries if e["temperature"] == temp and e["kind"] == "engine"]
@@ -78,14 +85,14 @@ def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         passes: dict[int, float] = {1: t1}
         for e in es:
-            if e["exit_layer"] is None:
+            if e["exit_layer"] is None and not is_exit_drafter(e):  # full passes only
                 for n, ms in e["target_pass_ms"].items():
                     passes.setdefault(int(n), ms)
         other = max(0.0, (_decode_ms_per_token(ar) or t1) - t1)  # per-round bookkeeping outside the target pass
         cands = [{"name": f"T{temp:g}/ar", "k": 0, "exit_layer": None, "predicted_tpot_ms": t1 + other}]
         for e in es:
             k = e["k"]
-            if e["drafter"] == "none" or not k:
+            if e["drafter"] == "none" or not k or is_exit_drafter(e):
                 continue
             reach = [r or 0.0 for r in e["reach_rate"]]
             c_d = e.get("draft_step_ms") or 0.0
@@ -106,24 +113,13 @@ def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
                     p = (kk * c_d + (_interp(passes, kk + 1) or t1) + other) / (1 + sum(reach[:kk]))
                     cands.append({"name": f"{e['drafter']} K={kk} ({e['method']})", "k": kk, "exit_layer": None,
                                   "drafter": e["drafter"], "predicted_tpot_ms": p})
-            else:
-                st = e.get("stage1") or {}
-                beta = (st.get("draft_accept_rate") or 0.0)
-                a = e.get("draft_accept_rate") or 0.0
-                n1 = max(1, st.get("rounds") or 1)
-                c_s = 1e3 * e["time_breakdown_s"].get("stage1", 0.0) / n1
-                rounds = max(1, e.get("rounds") or 1)
-                c_f = 1e3 * e["time_breakdown_s"].get("target", 0.0) / rounds
-                n = e.get("exit_window") or 1
-                tok, ms = three_level(k, n, beta, a, k * c_d + c_s, c_f + other)
-                out["predicted_vs_measured"].append({"name": e["name"], "predicted_tpot_ms": ms / tok,
-                                                     "measured_tpot_ms": _decode_ms_per_token(e)})
-                for kk in range(1, k + 1):
-                    for nn in range(1, 5):
-                        tk, m = three_level(kk, nn, beta, a, kk * c_d + c_s, c_f + other)
-                        cands.append({"name": f"{e['drafter']} K={kk} + exit {e['exit_layer']} window {nn}",
-                                      "k": kk, "exit_layer": e["exit_layer"], "exit_window": nn,
-                                      "drafter": e["drafter"], "predicted_tpot_ms": m / tk})
+            else:  # an exit stage (after any drafter): see exit_rows
+                continue
+        rows, exit_cands = exit_rows(es, temp, passes, other, t1)
+        out.setdefault("exit", []).extend(rows)
+        out["predicted_vs_measured"].extend({"name": r["name"], "predicted_tpot_ms": r["predicted_tpot_ms"],
+                                             "measured_tpot_ms": r["measured_tpot_ms"]} for r in rows)
+        cands += exit_cands
         best = min(cands, key=lambda c: c["predicted_tpot_ms"])
         best["predicted_tokens_per_s"] = 1e3 / best["predicted_tpot_ms"]
         best["predicted_speedup_vs_ar"] = (t1 + other) / best["predicted_tpot_ms"]
@@ -155,3 +151,78 @@ def breakeven_agreement(cost_per_token, reference: float, lo: float = 0.0, hi: f
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost_per_token(mid) > reference else (lo, mid)
     return hi
+
+
+def is_exit_drafter(e: dict) -> bool:
+    return str(e.get("drafter", "")).startswith("exit:")
+
+
+def per_position(rates: dict | None) -> float:
+    """Per-position acceptance of an entry's rates (MLE of an i.i.d. chain; older JSON: accepted/drafted)."""
+    rates = rates or {}
+    v = rates.get("accept_per_position")
+    return float(v if v is not None else rates.get("draft_accept_rate") or 0.0)
+
+
+def _baseline(es: list[dict], e: dict) -> dict | None:
+    """The run without the exit configuration: plain decoding for an exit drafter alone, else the same
+    drafter, K, verifier and backend without the exit stage."""
+    if e["exit_layer"] is None:
+        return next((b for b in es if b["drafter"] == "none"), None)
+    return next((b for b in es if b["drafter"] == e["drafter"] and b["k"] == e["k"] and b.get("method") == e.get("method")
+                 and b.get("backend") == e.get("backend") and b["exit_layer"] is None and not b.get("tree")), None)
+
+
+def exit_rows(es: list[dict], temp: float, passes: dict[int, float], other: float,
+              t1: float) -> tuple[list[dict], list[dict]]:
+    """Per exit configuration measured at ``temp`` (``es``: that temperature's engine entries): predicted vs
+    measured ms per token, the run it must beat, achieved vs break-even agreement; plus the planner
+    candidates (other K / windows predicted from the same measured costs and agreement)."""
+    rows, cands = [], []
+    for e in es:
+        if e["exit_layer"] is None and not is_exit_drafter(e):
+            continue
+        k, rounds = e["k"], max(1, e.get("rounds") or 1)
+        tb = e.get("time_breakdown_s") or {}
+        c_f = 1e3 * tb.get("target", 0.0) / rounds
+        c_d = e.get("draft_step_ms") or 0.0
+        a = per_position(e)
+        base = _baseline(es, e)
+        if e["exit_layer"] is None:  # exit drafter: layers 1..l + head per draft step, then the final pass
+            kind = "exit drafter"
+
+            def tpot(x, kk=k, c_final=c_f, c_d=c_d):
+                tok, ms = exit_drafter(kk, x, c_d, c_final + other)
+                return ms / tok
+
+            for kk in range(1, k + 1):  # the final pass scaled like full passes of kk + 1 vs k + 1 tokens
+                scale = (_interp(passes, kk + 1) or t1) / (_interp(passes, k + 1) or t1)
+                cands.append({"name": f"{e['drafter']} K={kk} ({e['method']})", "k": kk, "exit_layer": None,
+                              "drafter": e["drafter"], "predicted_tpot_ms": tpot(a, kk, c_f * scale)})
+        else:  # exit stage after a drafter (EAGLE-3, a model, an exit drafter...)
+            kind = "exit stage"
+            st = e.get("stage1") or {}
+            beta = per_position(st)
+            c_s = 1e3 * tb.get("stage1", 0.0) / max(1, st.get("rounds") or 1)
+            n = e.get("exit_window") or 1
+
+            def tpot(x, kk=k, nn=n, beta=beta, c_d=c_d, c_s=c_s, c_f=c_f):
+                tok, ms = three_level(kk, nn, beta, x, kk * c_d + c_s, c_f + other)
+                return ms / tok
+
+            for kk in range(1, k + 1):
+                for nn in range(1, 5):
+                    cands.append({"name": f"{e['drafter']} K={kk} + exit {e['exit_layer']} window {nn}", "k": kk,
+                                  "exit_layer": e["exit_layer"], "exit_window": nn, "drafter": e["drafter"],
+                                  "predicted_tpot_ms": tpot(a, kk, nn)})
+        measured = _decode_ms_per_token(e)
+        base_ms = _decode_ms_per_token(base) if base else None
+        pred = tpot(a)
+        rows.append({"name": e["name"], "kind": kind, "temperature": temp, "drafter": e["drafter"], "k": k,
+                     "exit_layer": e["exit_layer"], "baseline": base["name"] if base else None,
+                     "achieved_agreement": a, "stage1_agreement": per_position(e.get("stage1")) if e.get("stage1") else None,
+                     "breakeven_agreement": breakeven_agreement(tpot, base_ms) if base_ms else None,
+                     "predicted_tpot_ms": pred, "measured_tpot_ms": measured, "baseline_measured_tpot_ms": base_ms,
+                     "predicted_speedup_vs_baseline": base_ms / pred if base_ms else None,
+                     "measured_speedup_vs_baseline": base_ms / measured if base_ms and measured else None})
+    return rows, cands

@@ -186,3 +186,61 @@ def test_resume_reuses_finished_configurations(tmp_path, capsys):
     # ... so resuming it reloads exactly its own configurations.
     assert main([*changed, "--resume"]) == 0
     assert set(json.loads((out / "decode.json").read_text())["meta"]["resumed_configurations"]) == names
+
+
+def test_script_exit_drafter_and_planner_rows(tmp_path, capsys):
+    """--drafter exit:2: early-exit drafting alone and under the deeper exit stage 5 (three levels); every
+    T = 0 run reproduces generate; the planner reports each exit configuration against the run without it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.exit_head(t, "layers", 2).save_pretrained(tmp_path / "a" / "layer_2")
+    fx.exit_head(t, "mlp", 5, vd=40).save_pretrained(tmp_path / "b" / "layer_5")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "g", "source": "gsm8k",
+                                   "messages": [{"role": "user", "content": "what is 3 plus 4?"}]}) + "\n")
+    out = tmp_path / "out"
+    base = ["--target", str(root / "target"), "--exit-head", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--prompts", str(prompts), "--max-new-tokens", "8", "--k", "2", "--temperature", "0", "1", "--method",
+            "hsd", "--no-hf", "--no-lookup", "--no-plots"]
+    assert main([*base, "--drafter", "exit:2", "--exit-layer", "5", "--out-dir", str(out)]) == 0
+    rep = json.loads((out / "decode.json").read_text())
+    names = {e["name"]: e for e in rep["runs"]}
+    assert {"T0/exit2-k2-greedy", "T0/exit2-k2-greedy+exit5", "T1/exit2-k2-hsd", "T1/exit2-k2-hsd+exit5"} <= set(names)
+    assert names["T0/exit2-k2-greedy"]["exact_match"] == 1.0 and names["T0/exit2-k2-greedy+exit5"]["exact_match"] == 1.0
+    rows = {r["name"]: r for r in rep["planner"]["exit"]}
+    assert rows["T0/exit2-k2-greedy"]["baseline"] == "T0/ar" and rows["T0/exit2-k2-greedy"]["kind"] == "exit drafter"
+    assert rows["T1/exit2-k2-hsd+exit5"]["baseline"] == "T1/exit2-k2-hsd"
+    for r in rows.values():
+        assert r["predicted_tpot_ms"] > 0 and r["measured_tpot_ms"] > 0 and 0 <= r["achieved_agreement"] <= 1
+        assert r["breakeven_agreement"] is None or 0 <= r["breakeven_agreement"] <= 1
+    assert "break-even" in capsys.readouterr().out
+    assert main([*base, "--drafter", "eagle3", "--out-dir", str(tmp_path / "o2")]) == 2
+    assert main([*base, "--drafter", "exit:3", "--out-dir", str(tmp_path / "o3")]) == 2
+    assert "no exit head for layer 3" in capsys.readouterr().err
+
+
+def test_planner_exit_drafter_model_and_breakeven():
+    from hsd.decode.planner import breakeven_agreement, exit_drafter
+
+    rng = random.Random(2)
+    k, a = 3, 0.45
+    tok_mc = 0
+    for _ in range(40000):
+        j = 0
+        while j < k and rng.random() < a:
+            j += 1
+        tok_mc += j + 1
+    tok, cost = exit_drafter(k, a, 0.2, 1.3)
+    assert tok == pytest.approx(tok_mc / 40000, rel=0.02) and cost == pytest.approx(3 * 0.2 + 1.3)
+
+    def tpot(x):
+        t_, c_ = exit_drafter(k, x, 0.2, 1.3)
+        return c_ / t_
+
+    need = breakeven_agreement(tpot, 1.0)
+    assert tpot(need) == pytest.approx(1.0, rel=1e-6) and tpot(need - 0.01) > 1.0
+    assert breakeven_agreement(tpot, 0.4) is None  # 1.9 t1 per round cannot reach 0.4 t1 per token
