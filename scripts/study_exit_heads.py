@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval", default="runs/study/eval_greedy.jsonl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="auto", help="target precision (auto: hsd.precision's measured choice, "
+                                                    "what the engine runs)")
     ap.add_argument("--cost-reps", type=int, default=15)
     return ap
 
@@ -374,7 +376,8 @@ def phase_cost(args, out: Path, info: dict, target) -> dict:
             fns[f"head_{t}_{layer}"] = hstep
     ms = _median_cost(fns, args.cost_reps)
     t1 = ms["pass1"]
-    res = {"t1_ms": t1, "ms": ms, "t1_units": {k: v / t1 for k, v in ms.items()}, "context": ctx}
+    res = {"t1_ms": t1, "ms": ms, "t1_units": {k: v / t1 for k, v in ms.items()}, "context": ctx,
+           "dtype": str(runner.dtype).removeprefix("torch."), "cpu_kernels": runner.cpu_kernels}
     path.write_text(json.dumps(res, indent=1))
     return res
 
@@ -393,12 +396,25 @@ def drafter_prediction(cost_units: dict[str, float], layer: int, head_type: str,
     return best
 
 
+def _f3(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def flat_units(units: dict[str, float], layer: int) -> dict[str, float]:
+    """The measured costs with every multi-token pass priced as a one-token pass (what a memory-bound
+    accelerator, or a CPU with fast small-batch GEMMs, would give): a model, not a measurement."""
+    out = dict(units)
+    for n in range(2, 7):
+        out[f"upper{layer}_{n}"] = max(0.0, 1.0 - units[f"lower{layer}"])
+    return out
+
+
 def phase_report(args, out: Path, info: dict, ev: dict, cost: dict) -> None:
     from hsd.decode.planner import breakeven_agreement
     from hsd.machine import machine_info, machine_line
 
     units = cost["t1_units"]
-    mi = machine_info("cpu", torch.float32)
+    mi = machine_info("cpu", cost.get("dtype", "float32"))
     rows = []
     for layer in args.layers:
         for t in args.types:
@@ -408,11 +424,14 @@ def phase_report(args, out: Path, info: dict, ev: dict, cost: dict) -> None:
                     continue
                 step_cost = units[f"lower{layer}"] + units[f"head_{t}_{layer}"]
                 need = breakeven_agreement(lambda a, layer=layer, t=t: drafter_prediction(units, layer, t, a)[0], 1.0)
+                flat = flat_units(units, layer)  # model: an n-token pass costs one step (memory-bound device)
+                need_flat = breakeven_agreement(lambda a, layer=layer, t=t, f=flat: drafter_prediction(f, layer, t, a)[0],
+                                                1.0)
                 pred0, k0 = drafter_prediction(units, layer, t, m["top1"])
                 pred1, k1 = drafter_prediction(units, layer, t, m["alpha_T1"])
                 rows.append({"layer": layer, "head_type": t, "steps": n, "top1_T0": m["top1"], "alpha_T1": m["alpha_T1"],
                              "head_cost_t1": units[f"head_{t}_{layer}"], "draft_step_cost_t1": step_cost,
-                             "drafter_breakeven_agreement": need,
+                             "drafter_breakeven_agreement": need, "drafter_breakeven_if_flat_passes": need_flat,
                              "drafter_predicted_speedup_T0": 1.0 / pred0, "drafter_best_k_T0": k0,
                              "drafter_predicted_speedup_T1": 1.0 / pred1, "drafter_best_k_T1": k1,
                              "per_source": {g: v.get(f"{t}/{n}/{layer}") for g, v in ev["per_source"].items()}})
@@ -428,14 +447,14 @@ def phase_report(args, out: Path, info: dict, ev: dict, cost: dict) -> None:
              f"(covers {info['draft_vocab_coverage_all']:.4f} of the assistant tokens of all rows); t1 = "
              f"{cost['t1_ms']:.1f} ms.", "",
              "| layer | head | steps | top-1 (T=0) | α (T=1) | draft step (t1) | break-even a (drafter vs AR) | "
-             "predicted × AR T=0 (K) | predicted × AR T=1 (K) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "predicted × AR T=0 (K) | predicted × AR T=1 (K) | break-even a, flat passes (model) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        need = r["drafter_breakeven_agreement"]
         lines.append(f"| {r['layer']} | {r['head_type']} | {r['steps']} | {r['top1_T0']:.3f} | {r['alpha_T1']:.3f} | "
-                     f"{r['draft_step_cost_t1']:.3f} | {'-' if need is None else f'{need:.3f}'} | "
+                     f"{r['draft_step_cost_t1']:.3f} | {_f3(r['drafter_breakeven_agreement'])} | "
                      f"{r['drafter_predicted_speedup_T0']:.2f} ({r['drafter_best_k_T0']}) | "
-                     f"{r['drafter_predicted_speedup_T1']:.2f} ({r['drafter_best_k_T1']}) |")
+                     f"{r['drafter_predicted_speedup_T1']:.2f} ({r['drafter_best_k_T1']}) | "
+                     f"{_f3(r['drafter_breakeven_if_flat_passes'])} |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -454,7 +473,7 @@ def main(argv=None) -> int:
     phases = {"data", "features", "train", "eval", "cost", "report"} if "all" in args.phase else set(args.phase)
     from hsd.models.resolve import load_target, pad_id_of
 
-    target, tok = load_target(args.target, dtype="float32")
+    target, tok = load_target(args.target, dtype=args.dtype)
     target.requires_grad_(False).eval()
     info = phase_data(args, out, tok)
     if "features" in phases:
