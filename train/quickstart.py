@@ -39,6 +39,7 @@ from typing import Any
 
 from hsd.config import config_diff, config_to_dict, load_config
 from hsd.decode.config import DecodeConfig
+from hsd.machine import machine_line
 
 DEFAULT_CONFIG = "configs/quickstart/smollm2-135m.yaml"
 # keys that may differ between a finished run's saved config and this one without making it a different run
@@ -366,7 +367,8 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
     lines = ["# Main job report", "",
              f"Target `{meta.get('target')}`, prompts {meta.get('prompts')}, {meta.get('max_new_tokens')} new tokens, "
              f"{meta.get('torch_threads')} torch thread(s), started {meta.get('started')}, "
-             f"finished {meta.get('finished')}.", "",
+             f"finished {meta.get('finished')}." + (f" Machine: {machine_line(meta['machine'])}." if meta.get("machine")
+                                                    else ""), "",
              RESULTS_HEADING, "", *results_table(entries), "",
              "τ = tokens emitted per target pass; T = 0 rows use greedy verification and must reproduce "
              "`generate()` exactly (exact match 1.00).", ""]

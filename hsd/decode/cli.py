@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             "stage_clock": "process CPU time" if args.device == "cpu" else "wall",
             "note": "T = 0 runs use greedy_verify (every hsd.verify method agrees at T = 0, tested)",
             "git_commit": _git_commit(), "load_average_start": _loadavg()}
+    from hsd.machine import machine_info, machine_line
+
+    meta["machine"] = machine_info(args.device, next(models.target.parameters()).dtype)
     if done:
         meta["resumed_configurations"] = sorted(done)  # measured by the interrupted run(s), not rerun
     results: dict[str, list] = {}
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{(1e3 / m) if m else float('nan'):.1f} tok/s (decode only)")
     for line in exit_lines(report["planner"].get("exit", [])):
         console.print(line)
+    console.print(f"machine: {machine_line(meta['machine'])}")
     if not args.no_plots:
         for p in plot_all(entries, out_dir):
             console.print(f"wrote {p}")
