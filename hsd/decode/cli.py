@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "layer_<l>/ heads (several: their layers are merged)")
     ap.add_argument("--exit-layer", type=int, nargs="+", help="exit layers to decode with (default: every head "
                                                               "found; all found heads get the agreement report)")
-    ap.add_argument("--drafter", nargs="+", default=[], metavar="exit:L",
+    ap.add_argument("--drafter", nargs="+", default=[], metavar="exit:L[:K]",
                     help="early-exit drafting: exit:L drafts with target layers 1..L + the exit head of layer L "
-                         "(no extra model), alone and under every deeper --exit-layer stage (HiSpec's three levels)")
+                         "(no extra model), alone and under every deeper --exit-layer stage (HiSpec's three levels); "
+                         "exit:L:K drafts K tokens per round instead of each --k")
     ap.add_argument("--no-exit-stage", action="store_true",
                     help="no exit-stage configurations (the exit heads still draft with --drafter exit:L)")
     ap.add_argument("--exit-window", type=int, default=1, help="window tokens before the full target pass")
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import Evaluator, build_grid, exit_drafter_layer, report_run, spec_settings, timestamp
+    from .evaluate import Evaluator, build_grid, parse_exit_drafter, report_run, spec_settings, timestamp
     from .loading import load_models
     from .planner import plan
     from .prompts import DEFAULT_PROMPT_FILES, load_prompts
@@ -276,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                                  f"(found layers {sorted(models.exit_heads)})")
         exit_drafters = []
         for name in args.drafter:
-            layer = exit_drafter_layer(name)
+            parsed = parse_exit_drafter(name)
+            layer = None if parsed is None else parsed[0]
             if layer is None:
                 raise ValueError(f"--drafter {name!r}: expected exit:L (the EAGLE-3 head, a draft model and prompt "
                                  "lookup have their own flags: --head, --draft-model)")
             if layer not in models.exit_heads:
                 raise ValueError(f"--drafter {name}: no exit head for layer {layer} in {args.exit_head or '(no --exit-head)'}"
                                  f" (found layers {sorted(models.exit_heads)})")
-            exit_drafters.append(layer)
+            exit_drafters.append(parsed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

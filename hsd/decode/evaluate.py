@@ -28,15 +28,25 @@ from .tree_spec import TreeSpec
 ENGINE_DRAFTERS = ("none", "eagle3", "model", "lookup", "exit:L")
 
 
-def exit_drafter_layer(name: str) -> int | None:
-    """``"exit:L"`` (early-exit drafting from target layer L) -> L; None for every other drafter name.
-    ValueError naming the problem for a malformed ``exit:`` spec."""
+def parse_exit_drafter(name: str) -> tuple[int, int | None] | None:
+    """``"exit:L"`` or ``"exit:L:K"`` (early-exit drafting from target layer L, K drafts per round instead of
+    the run's --k) -> (L, K or None); None for every other drafter name. ValueError naming the problem for a
+    malformed ``exit:`` spec."""
     if not str(name).startswith("exit:"):
         return None
-    tail = str(name)[5:]
-    if not tail.isdigit() or int(tail) < 1:
-        raise ValueError(f"drafter {name!r}: expected exit:L with L >= 1, the exit layer to draft from (e.g. exit:4)")
-    return int(tail)
+    parts = str(name)[5:].split(":")
+    if len(parts) > 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
+        raise ValueError(f"drafter {name!r}: expected exit:L or exit:L:K with L, K >= 1 (the exit layer to draft "
+                         "from, e.g. exit:4, and optionally its own draft length, e.g. exit:4:2)")
+    return int(parts[0]), (int(parts[1]) if len(parts) == 2 else None)
+
+
+def exit_drafter_layer(name: str) -> int | None:
+    """The exit layer of an ``exit:L[:K]`` drafter name, None for every other drafter."""
+    parsed = parse_exit_drafter(name)
+    return None if parsed is None else parsed[0]
+
+
 HF_KINDS = ("hf_generate", "hf_lookup", "hf_assisted")
 
 
@@ -73,7 +83,7 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                hf: bool = True, exit_window: int = 1, top_k: int = 0, top_p: float = 1.0,
                baseline_ks: list[int] | None = None, model_drafter: bool = True,
                trees: list[str] = (), chains: bool = True, ar: bool = True,
-               exit_drafters: list[int] = ()) -> list[RunSpec]:
+               exit_drafters: list[int | tuple[int, int | None]] = ()) -> list[RunSpec]:
     """The default grid: per temperature, HF generate, this engine without a drafter, then per K the HF
     prompt-lookup / assisted baselines and every EAGLE-3 method x backend, with and without each exit
     layer, then every draft tree ("TOPK:DEPTH:TOTAL") x method x backend (trees have no exit stage; at
@@ -81,8 +91,8 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
     tree verifier). ``chains=False``: no engine chains (the baselines of ``baseline_ks`` still run).
     ``ar=False``: no plain decoding by this engine (τ-only studies; no speed-up column). At T = 0
     all verifiers see one-hot rows and agree (tested), so only "greedy" runs there. ``exit_drafters``: exit
-    layers L1 to draft from (``exit:L1``), each alone and under every deeper exit stage L2 > L1 of
-    ``exit_layers`` (HiSpec's three levels)."""
+    layers L1 to draft from (``exit:L1``; ``(L1, K)``: at draft length K instead of ``ks``), each alone and
+    under every deeper exit stage L2 > L1 of ``exit_layers`` (HiSpec's three levels)."""
     specs: list[RunSpec] = []
     kw = dict(top_k=top_k, top_p=top_p)
     for temp in temperatures:
@@ -103,14 +113,17 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                 specs.append(RunSpec(f"{tn}/lookup-k{k}-{meths[0]}", "engine", temp, "lookup", k, meths[0], **kw))
             if draft_model and model_drafter:
                 specs.append(RunSpec(f"{tn}/model-k{k}-{meths[0]}", "engine", temp, "model", k, meths[0], **kw))
-            for l1 in exit_drafters:
+            for l1, own in (x if isinstance(x, tuple) else (x, None) for x in exit_drafters):
+                if own is not None and k != min(ks):
+                    continue  # a drafter with its own K runs once, in the first K's slot
                 for m in meths:
                     for b in backends:
                         sfx = f"-{b}" if b != "torch" else ""
-                        name = f"{tn}/exit{l1}-k{k}-{m}{sfx}"
-                        specs.append(RunSpec(name, "engine", temp, f"exit:{l1}", k, m, b, **kw))
+                        kd = own or k
+                        name = f"{tn}/exit{l1}-k{kd}-{m}{sfx}"
+                        specs.append(RunSpec(name, "engine", temp, f"exit:{l1}", kd, m, b, **kw))
                         for layer in (x for x in exit_layers if x > l1):
-                            specs.append(RunSpec(f"{name}+exit{layer}", "engine", temp, f"exit:{l1}", k, m, b, layer,
+                            specs.append(RunSpec(f"{name}+exit{layer}", "engine", temp, f"exit:{l1}", kd, m, b, layer,
                                                  exit_window, **kw))
             if head:
                 for m in meths:

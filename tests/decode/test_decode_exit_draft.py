@@ -31,9 +31,9 @@ def exit_decoder(t, head_type="mlp", layer=3, stage=None, **kw):
                               cpu_kernels=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("head_type,k,vd", [("mlp", 1, None), ("attn", 3, None), ("layers", 2, None),
-                                            ("lens", 3, 40), ("layers", 3, 40)])
+@pytest.mark.parametrize("family,head_type,k,vd", [("llama", "mlp", 1, None), ("qwen2", "attn", 3, None),
+                                                   ("llama", "layers", 2, None), ("qwen2", "layers", 2, None),
+                                                   ("llama", "lens", 3, 40), ("qwen2", "layers", 3, 40)])
 def test_exit_drafter_greedy_equals_generate(family, head_type, k, vd):
     t = fx.target(family)
     ids = fx.prompt()

@@ -80,6 +80,17 @@ def test_grid_without_plain_decoding():
     assert {"T0/ar", "T1/ar"} <= set(full) and tau_only == [n for n in full if n not in ("T0/ar", "T1/ar")]
 
 
+def test_grid_exit_drafters():
+    """exit:L drafts at every --k, exit:L:K at its own K only; each alone and under the deeper stages."""
+    from hsd.decode.evaluate import build_grid
+
+    names = [s.name for s in build_grid([0.0], [2, 3], ["hsd"], ["torch"], head=False, exit_layers=[3, 6],
+                                        draft_model=False, lookup=False, hf=False, exit_drafters=[4, (2, 1)])]
+    assert sorted(n for n in names if "exit" in n) == sorted([
+        "T0/exit4-k2-greedy", "T0/exit4-k2-greedy+exit6", "T0/exit4-k3-greedy", "T0/exit4-k3-greedy+exit6",
+        "T0/exit2-k1-greedy", "T0/exit2-k1-greedy+exit3", "T0/exit2-k1-greedy+exit6"])
+
+
 def test_select_prompts_spreads_over_sources():
     ps = [Prompt(f"{g}{i}", g, ["x"]) for g in ("gsm8k", "chat", "code") for i in range(5)]
     got = select_prompts(ps, 4)
@@ -219,6 +230,7 @@ def test_script_exit_drafter_and_planner_rows(tmp_path, capsys):
         assert r["breakeven_agreement"] is None or 0 <= r["breakeven_agreement"] <= 1
     assert "break-even" in capsys.readouterr().out
     assert main([*base, "--drafter", "eagle3", "--out-dir", str(tmp_path / "o2")]) == 2
+    assert main([*base, "--drafter", "exit:2:x", "--out-dir", str(tmp_path / "o2")]) == 2
     assert main([*base, "--drafter", "exit:3", "--out-dir", str(tmp_path / "o3")]) == 2
     assert "no exit head for layer 3" in capsys.readouterr().err
 
