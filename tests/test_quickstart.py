@@ -24,7 +24,8 @@ def _tiny_config(root) -> str:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {"eagle3_overrides": [*common, "draft_vocab_size=48", "ttt_steps=2", "max_steps=3", "batch_size=4",
                                 "eval_every=0", "save_every=0", "cache_target=false"],
-           "early_exit_overrides": [*common, "exit_layers=[2]", "max_steps=2", "eval_every=0", "save_every=0"],
+           "early_exit_overrides": [*common, "exit_layers=[2]", "max_steps=2", "eval_every=0", "save_every=0",
+                                    "draft_vocab_size=48"],
            "prompts": [str(prompts)], "num_prompts": 2, "max_new_tokens": 6, "k": [2], "trees": ["2:2:3"],
            "exit_drafters": [2]}
     path = root / "quickstart.yaml"

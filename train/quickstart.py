@@ -65,6 +65,7 @@ class QuickstartConfig:
     methods: list[str] = field(default_factory=lambda: ["tokenwise", "hsd"])
     trees: list[str] = field(default_factory=list)  # draft trees "TOPK:DEPTH:TOTAL" decoded next to the chains
     exit_drafters: list[int] = field(default_factory=list)  # exit layers to draft from (--drafter exit:L)
+    exit_draft_k: int = 0  # draft length of the exit drafters (0 = each of k; else --drafter exit:L:K)
     exit_stage: bool = True  # decode EAGLE-3 chains with the exit stage too (False: --no-exit-stage)
     decode_extra_args: list[str] = field(default_factory=list)
     threads: int = 1
@@ -81,6 +82,8 @@ class QuickstartConfig:
             raise ValueError(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
         if any(layer < 1 for layer in self.exit_drafters):
             raise ValueError(f"exit_drafters must list exit layers >= 1, got {self.exit_drafters}")
+        if self.exit_draft_k < 0:
+            raise ValueError(f"exit_draft_k must be >= 0 (0 = each of k), got {self.exit_draft_k}")
         for name in ("num_prompts", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -179,8 +182,9 @@ def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
     stages = exit_layers if qc.exit_stage else 0
     for t in qc.temperatures:
         meths = 1 if t == 0 else len(qc.methods)
-        n += 2 + len(qc.k) * (2 + meths * (1 + stages + len(qc.exit_drafters)))  # generate, ar; per K lookup x2,
-        # head (+ exit stages), exit drafters
+        drafters = len(qc.exit_drafters) * (1 if qc.exit_draft_k else len(qc.k))
+        n += 2 + len(qc.k) * (2 + meths * (1 + stages)) + meths * drafters  # generate, ar; per K lookup x2,
+        # head (+ exit stages); exit drafters
         tree_meths = 1 if t == 0 else len({m == "tokenwise" for m in qc.methods})  # rrs / weighted
         n += len(qc.trees) * tree_meths
     return n
@@ -231,7 +235,8 @@ def decode_argv(qc: QuickstartConfig, target: str, head: Path, exit_head: Path, 
     if qc.trees:
         argv += ["--tree", *qc.trees]
     if qc.exit_drafters:
-        argv += ["--drafter", *[f"exit:{layer}" for layer in qc.exit_drafters]]
+        sfx = f":{qc.exit_draft_k}" if qc.exit_draft_k else ""
+        argv += ["--drafter", *[f"exit:{layer}{sfx}" for layer in qc.exit_drafters]]
     if not qc.exit_stage:
         argv += ["--no-exit-stage"]
     if qc.threads:
