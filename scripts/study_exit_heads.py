@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", help="target precision (auto: hsd.precision's measured choice, "
                                                     "what the engine runs)")
     ap.add_argument("--cost-reps", type=int, default=15)
+    ap.add_argument("--two-level", help="decode.json of a run with T0/ar and T0/eagle3-k<K>-greedy (scripts/decode.py): "
+                                        "the EAGLE-3 chain an exit stage must beat, for the verifier columns")
     return ap
 
 
@@ -400,6 +402,40 @@ def _f3(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def two_level_reference(path: str) -> dict | None:
+    """From a decode.json: the best T = 0 EAGLE-3 chain (no exit stage) in t1 units of that run: its cost per
+    token, draft step and per-position acceptance (the stand-in for the drafter/exit agreement beta)."""
+    from hsd.decode.planner import _decode_ms_per_token, per_position
+
+    runs = json.loads(Path(path).read_text())["runs"]
+    ar = next((e for e in runs if e["name"] == "T0/ar"), None)
+    chains = [e for e in runs if e["temperature"] == 0 and e["drafter"] == "eagle3" and e["exit_layer"] is None
+              and not e.get("tree")]
+    if ar is None or not chains:
+        return None
+    t1 = ar["target_pass_ms"].get("1") or ar["target_pass_ms"].get(1)
+    best = min(chains, key=_decode_ms_per_token)
+    return {"name": best["name"], "k": best["k"], "tpot_t1": _decode_ms_per_token(best) / t1,
+            "ar_tpot_t1": _decode_ms_per_token(ar) / t1, "draft_step_t1": (best.get("draft_step_ms") or 0.0) / t1,
+            "beta": per_position(best), "source": path}
+
+
+def stage_prediction(units: dict[str, float], layer: int, head_type: str, a: float, ref: dict) -> float:
+    """Best (K, window) cost per token (t1 units, this study's costs) of EAGLE-3 -> exit stage -> target,
+    beta = the EAGLE-3 chain's per-position acceptance. Layers 1..l over n rows = full pass - layers l+1..L."""
+    from hsd.decode.planner import three_level
+
+    best = float("inf")
+    for k in range(1, 6):
+        c_s = units[f"pass{k + 1}"] - units[f"upper{layer}_{k + 1}"] + units[f"head_{head_type}_{layer}"]
+        for n in range(1, 5):
+            w = min(n + k, 5)  # the window's size before the final pass (bounded by the measured passes)
+            c_f = units[f"lower{layer}"] + units[f"upper{layer}_{w + 1}"] + (ref["ar_tpot_t1"] - 1.0)
+            tok, cost = three_level(k, n, ref["beta"], a, k * ref["draft_step_t1"] + c_s, c_f)
+            best = min(best, cost / tok)
+    return best
+
+
 def flat_units(units: dict[str, float], layer: int) -> dict[str, float]:
     """The measured costs with every multi-token pass priced as a one-token pass (what a memory-bound
     accelerator, or a CPU with fast small-batch GEMMs, would give): a model, not a measurement."""
@@ -415,6 +451,7 @@ def phase_report(args, out: Path, info: dict, ev: dict, cost: dict) -> None:
 
     units = cost["t1_units"]
     mi = machine_info("cpu", cost.get("dtype", "float32"))
+    ref = two_level_reference(args.two_level) if args.two_level else None
     rows = []
     for layer in args.layers:
         for t in args.types:
@@ -435,11 +472,16 @@ def phase_report(args, out: Path, info: dict, ev: dict, cost: dict) -> None:
                              "drafter_predicted_speedup_T0": 1.0 / pred0, "drafter_best_k_T0": k0,
                              "drafter_predicted_speedup_T1": 1.0 / pred1, "drafter_best_k_T1": k1,
                              "per_source": {g: v.get(f"{t}/{n}/{layer}") for g, v in ev["per_source"].items()}})
+                if ref is not None:
+                    rows[-1]["stage_breakeven_agreement"] = breakeven_agreement(
+                        lambda a, layer=layer, t=t: stage_prediction(units, layer, t, a, ref), ref["tpot_t1"])
+                    rows[-1]["stage_predicted_speedup_T0"] = ref["tpot_t1"] / stage_prediction(units, layer, t,
+                                                                                                m["top1"], ref)
     res = {"machine": mi, "machine_line": machine_line(mi), "data": {k: v for k, v in info.items()
                                                                         if k not in ("rows", "draft_ids")},
            "train": json.loads((out / "train_info.json").read_text()) if (out / "train_info.json").is_file() else None,
            "argmax_in_draft_vocab": ev["argmax_in_draft_vocab"], "eval_conversations": ev.get("conversations"),
-           "cost": cost, "rows": rows, "argv": sys.argv}
+           "cost": cost, "two_level_reference": ref, "rows": rows, "argv": sys.argv}
     (out / "study.json").write_text(json.dumps(res, indent=1))
     lines = [f"Machine: {res['machine_line']}", "",
              f"Training subsample: {info['train_rows']} of {info['rows_all']} conversations "
@@ -447,14 +489,20 @@ def phase_report(args, out: Path, info: dict, ev: dict, cost: dict) -> None:
              f"(covers {info['draft_vocab_coverage_all']:.4f} of the assistant tokens of all rows); t1 = "
              f"{cost['t1_ms']:.1f} ms.", "",
              "| layer | head | steps | top-1 (T=0) | α (T=1) | draft step (t1) | break-even a (drafter vs AR) | "
-             "predicted × AR T=0 (K) | predicted × AR T=1 (K) | break-even a, flat passes (model) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "predicted × AR T=0 (K) | predicted × AR T=1 (K) | break-even a, flat passes (model) |"
+             + (" break-even a (stage vs EAGLE-3) | predicted × EAGLE-3 T=0 |" if ref else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if ref else "")]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['head_type']} | {r['steps']} | {r['top1_T0']:.3f} | {r['alpha_T1']:.3f} | "
                      f"{r['draft_step_cost_t1']:.3f} | {_f3(r['drafter_breakeven_agreement'])} | "
                      f"{r['drafter_predicted_speedup_T0']:.2f} ({r['drafter_best_k_T0']}) | "
                      f"{r['drafter_predicted_speedup_T1']:.2f} ({r['drafter_best_k_T1']}) | "
-                     f"{_f3(r['drafter_breakeven_if_flat_passes'])} |")
+                     f"{_f3(r['drafter_breakeven_if_flat_passes'])} |"
+                     + (f" {_f3(r['stage_breakeven_agreement'])} | {r['stage_predicted_speedup_T0']:.2f} |" if ref else ""))
+    if ref:
+        lines += ["", f"Exit stage columns: EAGLE-3 -> exit head -> target against {ref['name']} of {ref['source']} "
+                      f"({ref['tpot_t1']:.3f} t1 per token there; drafter acceptance beta = {ref['beta']:.3f} as the "
+                      "drafter/exit agreement, K and window optimised)."]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
