@@ -157,8 +157,10 @@ def priority(spec: RunSpec, k_first: int) -> int:
         return 0
     if spec.tree is not None:
         return 1
+    if spec.kind == "engine" and spec.drafter.startswith("exit:"):
+        return 1  # exit drafters run at their own K (exit:L:K)
     if spec.kind == "engine" and spec.k == k_first:
-        return 1 if spec.drafter == "eagle3" or spec.drafter.startswith("exit:") else 2
+        return 1 if spec.drafter == "eagle3" else 2
     return 3 if spec.kind in HF_KINDS else 4
 
 
