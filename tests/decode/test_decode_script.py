@@ -149,6 +149,10 @@ def test_module_demo(tmp_path, capsys):
     fx.eagle3_head(t).save_pretrained(tmp_path / "head")
     assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--max-new-tokens", "5",
                  "--temperature", "1", "--prompt", "what is one plus two?"]) == 0
+    fx.exit_head(t, "affine", 3, vd=40).save_pretrained(tmp_path / "exits" / "layer_3")
+    assert demo(["--target", str(root / "target"), "--exit-head", str(tmp_path / "exits"), "--drafter", "exit:3",
+                 "--max-new-tokens", "5", "--k", "2", "--prompt", "what is one plus two?"]) == 0
+    assert "tau" in capsys.readouterr().out
     assert "tau" in capsys.readouterr().out
     assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "nope")]) == 2
 
@@ -256,3 +260,30 @@ def test_planner_exit_drafter_model_and_breakeven():
     need = breakeven_agreement(tpot, 1.0)
     assert tpot(need) == pytest.approx(1.0, rel=1e-6) and tpot(need - 0.01) > 1.0
     assert breakeven_agreement(tpot, 0.4) is None  # 1.9 t1 per round cannot reach 0.4 t1 per token
+
+
+def _entry(name, drafter, k, *, exit_layer=None, accepted=0, tried=1, draft_ms=0.0, target_s=1.0, rounds=10,
+           cpu_s=1.0, tokens=10):
+    """A minimal decode.json entry (what plan() reads), at T = 0."""
+    return {"name": name, "kind": "engine", "temperature": 0.0, "drafter": drafter, "k": k, "method": "greedy",
+            "backend": "torch", "exit_layer": exit_layer, "exit_window": 1 if exit_layer else None, "tree": None,
+            "reach_rate": [accepted / tried] * k, "accept_per_position": accepted / tried, "draft_step_ms": draft_ms,
+            "target_pass_ms": {1: 100.0} if drafter == "none" else {}, "rounds": rounds,
+            "time_breakdown_s": {"target": target_s, "prefill": 0.0}, "cpu_s": cpu_s, "decode_tokens": tokens}
+
+
+@pytest.mark.parametrize("agreement,wins", [(0.1, False), (0.9, True)])
+def test_planner_never_picks_an_exit_drafter_predicted_to_lose(agreement, wins):
+    from hsd.decode.planner import plan
+
+    ar = _entry("T0/ar", "none", 0, rounds=10, target_s=1.0, cpu_s=1.0, tokens=10)  # 100 ms per token
+    tried = 100
+    ex = _entry("T0/exit4-k1-greedy", "exit:4", 1, accepted=int(agreement * tried), tried=tried, draft_ms=15.0,
+                rounds=10, target_s=1.2, cpu_s=1.35, tokens=10)
+    out = plan([ar, ex])
+    row = out["exit"][0]
+    assert row["baseline"] == "T0/ar" and row["achieved_agreement"] == pytest.approx(agreement)
+    assert (row["breakeven_agreement"] < agreement) == wins
+    assert (row["predicted_speedup_vs_baseline"] > 1) == wins
+    best = out["best"]["T0"]
+    assert best.get("drafter") == "exit:4" if wins else best["name"] == "T0/ar"
