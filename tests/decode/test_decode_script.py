@@ -153,7 +153,6 @@ def test_module_demo(tmp_path, capsys):
     assert demo(["--target", str(root / "target"), "--exit-head", str(tmp_path / "exits"), "--drafter", "exit:3",
                  "--max-new-tokens", "5", "--k", "2", "--prompt", "what is one plus two?"]) == 0
     assert "tau" in capsys.readouterr().out
-    assert "tau" in capsys.readouterr().out
     assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "nope")]) == 2
 
 
