@@ -195,7 +195,7 @@ def exit_rows(es: list[dict], temp: float, passes: dict[int, float], other: floa
                 tok, ms = exit_drafter(kk, x, c_d, c_final + other)
                 return ms / tok
 
-            for kk in range(1, k + 1):  # the final pass scaled like full passes of kk + 1 vs k + 1 tokens
+            for kk in range(1, max(k, max(passes) - 1) + 1):  # final pass scaled like full passes of kk+1 vs k+1
                 scale = (_interp(passes, kk + 1) or t1) / (_interp(passes, k + 1) or t1)
                 cands.append({"name": f"{e['drafter']} K={kk} ({e['method']})", "k": kk, "exit_layer": None,
                               "drafter": e["drafter"], "predicted_tpot_ms": tpot(a, kk, c_f * scale)})
