@@ -173,6 +173,17 @@ class EarlyExitConfig(PretrainedConfig):
             if self.head_dim <= 0 or self.head_dim % 2:
                 raise ValueError(f"head_dim: must be a positive even number (RoPE), got {self.head_dim}")
 
+    _LAYERS_ONLY = ("num_head_layers", "layer_config", "layer_class", "init_layers")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``PretrainedConfig.to_dict``; the ``layers``-only fields are left out of other heads' configs, so
+        their ``config.json`` stays what earlier versions wrote (loading fills the defaults)."""
+        d = super().to_dict()
+        if self.head_type != "layers":
+            for key in self._LAYERS_ONLY:
+                d.pop(key, None)
+        return d
+
     @classmethod
     def from_target(cls, target: nn.Module, exit_layer: int, head_type: str = "lens", *, rank: int = 0,
                     lora_alpha: float | None = None, intermediate_size: int = 0, training_temperature: float = 1.0,
