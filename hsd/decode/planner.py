@@ -80,7 +80,7 @@ def plan(entries: list[dict[str, Any]]) -> dict[str, Any]:
     for temp in temps:
         es = [e for e in entries if e["temperature"] == temp and e["kind"] == "engine"]
         ar = next((e for e in es if e["drafter"] == "none"), None)
-        t1 = ar["target_pass_ms"].get(1) if ar else None
+        t1 = {int(n): ms for n, ms in ar["target_pass_ms"].items()}.get(1) if ar else None  # JSON keys are str
         if not t1:
             continue
         passes: dict[int, float] = {1: t1}

@@ -279,7 +279,7 @@ def test_planner_never_picks_an_exit_drafter_predicted_to_lose(agreement, wins):
     tried = 100
     ex = _entry("T0/exit4-k1-greedy", "exit:4", 1, accepted=int(agreement * tried), tried=tried, draft_ms=15.0,
                 rounds=10, target_s=1.2, cpu_s=1.35, tokens=10)
-    out = plan([ar, ex])
+    out = plan(json.loads(json.dumps([ar, ex])))  # as read back from decode.json (str keys)
     row = out["exit"][0]
     assert row["baseline"] == "T0/ar" and row["achieved_agreement"] == pytest.approx(agreement)
     assert (row["breakeven_agreement"] < agreement) == wins
