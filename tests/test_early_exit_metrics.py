@@ -77,7 +77,7 @@ def test_split_rows_is_seeded_and_disjoint():
 
 @pytest.mark.parametrize("override, message", [
     ("head_type=mystery", "head_type' must be one of"),
-    ("head_type=lens", r"head_type' must be one of \['affine', 'lowrank', 'mlp', 'attn'\]"),  # lens: no parameter
+    ("head_type=lens", r"head_type' must be one of \['affine', 'lowrank', 'mlp', 'attn', 'layers'\]"),  # lens: none
     ("rank=0", "rank must be > 0"),
     ("temperature=0", "temperature must be"),
     ("exit_layers=[0,3]", "exit_layers must be >= 1"),

@@ -26,8 +26,10 @@ def _tiny_config(root) -> str:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {"eagle3_overrides": [*common, "draft_vocab_size=48", "ttt_steps=2", "max_steps=3", "batch_size=4",
                                 "eval_every=0", "save_every=0", "cache_target=false"],
-           "early_exit_overrides": [*common, "exit_layers=[2]", "max_steps=2", "eval_every=0", "save_every=0"],
-           "prompts": [str(prompts)], "num_prompts": 2, "max_new_tokens": 6, "k": [2], "trees": ["2:2:3"]}
+           "early_exit_overrides": [*common, "exit_layers=[2]", "max_steps=2", "eval_every=0", "save_every=0",
+                                    "draft_vocab_size=48"],
+           "prompts": [str(prompts)], "num_prompts": 2, "max_new_tokens": 6, "k": [2], "trees": ["2:2:3"],
+           "exit_drafters": [2]}
     path = root / "quickstart.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -45,8 +47,11 @@ def test_main_job_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
     names = {e["name"] for e in runs}
     for need in ("T0/hf_generate", "T0/ar", "T0/lookup-k2-greedy", "T0/eagle3-k2-greedy", "T0/eagle3-k2-greedy+exit2",
                  "T1/eagle3-k2-tokenwise", "T1/eagle3-k2-hsd", "T1/eagle3-k2-hsd+exit2", "T1/hf_lookup-k2",
-                 "T0/eagle3-tree2x2n3-greedy", "T1/eagle3-tree2x2n3-rrs", "T1/eagle3-tree2x2n3-weighted"):
+                 "T0/eagle3-tree2x2n3-greedy", "T1/eagle3-tree2x2n3-rrs", "T1/eagle3-tree2x2n3-weighted",
+                 "T0/exit2-k2-greedy", "T1/exit2-k2-hsd"):
         assert need in names
+    assert "## Early exit" in report and "| T0/exit2-k2-greedy | exit drafter | T0/ar |" in report
+    assert "  early exit: " in first
     rows = [ln for ln in report.splitlines() if ln.startswith("| `")]
     assert sorted(re.match(r"\| `([^`]+)`", r).group(1) for r in rows) == sorted(names)
     for name, verifier in (("T0/eagle3-tree2x2n3-greedy", "greedy"), ("T1/eagle3-tree2x2n3-rrs", "rrs"),
@@ -91,7 +96,7 @@ def _check_readme_block(out, printed, rows, readme):
     log = (out / "main_job.log").read_text()
     ours, shown = log.splitlines(), iter(printed.splitlines())
     assert all(any(ln == p for p in shown) for ln in ours)  # the job's own lines, in the order printed
-    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  report: ") and len(ours) == 18
+    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  early exit: ") and len(ours) == 19
     assert ours[1] == f"machine: {machine_line(machine_info('cpu', torch.float32))}"  # conftest pins auto = fp32
     assert f"Machine: {ours[1].removeprefix('machine: ')}" in (out / "report.md").read_text().splitlines()
     assert any(ln.strip().startswith("Precision: decode float32") for ln in ours)  # which precision decoded, and why

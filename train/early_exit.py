@@ -73,12 +73,13 @@ class EarlyExitTrainConfig(BaseTrainConfig):
 
     output_dir: str = "runs/early_exit"
     exit_layers: list[int] = dataclasses.field(default_factory=list)  # [] = L/8, L/4, 3L/8, L/2 (rounded)
-    head_type: Literal["affine", "lowrank", "mlp", "attn"] = "affine"  # the lens baseline is always evaluated
+    head_type: Literal["affine", "lowrank", "mlp", "attn", "layers"] = "affine"  # the lens baseline is always evaluated
     rank: int = 64  # lowrank only
     lora_alpha: float = 0.0  # lowrank scaling alpha / rank; 0 = rank (scaling 1)
     intermediate_size: int = 0  # mlp only; 0 = target hidden size
     attn_num_heads: int = 0  # attn only; 0 = the target's
     attn_num_kv_heads: int = 0  # attn only; 0 = the target's
+    head_layers: int = 1  # layers only: k decoder layers, initialised from the target's last k
     temperature: float = 1.0  # serving temperature T of p_f and p_l (> 0)
     draft_vocab_size: int = 0  # 0 = full target vocabulary; else the V_d most frequent assistant tokens
     target_revision: str = ""  # recorded in the heads' configs
@@ -96,6 +97,8 @@ class EarlyExitTrainConfig(BaseTrainConfig):
             raise ValueError(f"exit_layers must be >= 1 (number of target layers run), got {bad}")
         if len(set(self.exit_layers)) != len(self.exit_layers):
             raise ValueError(f"exit_layers must not repeat a layer, got {self.exit_layers}")
+        if self.head_layers < 1:
+            raise ValueError(f"head_layers must be >= 1 (decoder layers of a layers head), got {self.head_layers}")
         for name in ("draft_vocab_size", "intermediate_size", "attn_num_heads", "attn_num_kv_heads", "best_layer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -309,11 +312,12 @@ class EarlyExitTask(loop.TrainTask):
             training_temperature=cfg.temperature,
             draft_vocab_size=cfg.draft_vocab_size or None, base_model_name_or_path=cfg.target,
             base_model_revision=cfg.target_revision or None, num_attention_heads=cfg.attn_num_heads,
-            num_key_value_heads=cfg.attn_num_kv_heads)
+            num_key_value_heads=cfg.attn_num_kv_heads, num_head_layers=cfg.head_layers)
         head = EarlyExitHead(hcfg)
         if self.vocab is not None:
             head.set_draft_vocab(self.vocab)
-        return head.to(self.accelerator.device).attach_target(self.target)
+        head = head.to(self.accelerator.device).attach_target(self.target)
+        return head.init_from_target(self.target) if head_type == "layers" else head
 
     def model(self) -> EarlyExitHeads:
         if self._model is None:

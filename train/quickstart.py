@@ -63,6 +63,9 @@ class QuickstartConfig:
     k: list[int] = field(default_factory=lambda: [3])
     methods: list[str] = field(default_factory=lambda: ["tokenwise", "hsd"])
     trees: list[str] = field(default_factory=list)  # draft trees "TOPK:DEPTH:TOTAL" decoded next to the chains
+    exit_drafters: list[int] = field(default_factory=list)  # exit layers to draft from (--drafter exit:L)
+    exit_draft_k: int = 0  # draft length of the exit drafters (0 = each of k; else --drafter exit:L:K)
+    exit_stage: bool = True  # decode EAGLE-3 chains with the exit stage too (False: --no-exit-stage)
     decode_extra_args: list[str] = field(default_factory=list)
     threads: int = 1
     # EAGLE-3 data size by the precision training runs in here (hsd.precision decides what auto means): the
@@ -81,6 +84,10 @@ class QuickstartConfig:
             raise ValueError("output_dir must not be empty")
         if self.export_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
+        if any(layer < 1 for layer in self.exit_drafters):
+            raise ValueError(f"exit_drafters must list exit layers >= 1, got {self.exit_drafters}")
+        if self.exit_draft_k < 0:
+            raise ValueError(f"exit_draft_k must be >= 0 (0 = each of k), got {self.exit_draft_k}")
         for name in ("num_prompts", "threads", "eagle3_conversations", "eagle3_conversations_bf16",
                      "eagle3_seconds_per_step_bf16"):
             if getattr(self, name) < 0:
@@ -227,11 +234,15 @@ def _packed_train_rows(cfg: Any) -> list[dict]:
 
 
 def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
-    """Configurations the decode grid holds (as ``hsd.decode.evaluate.build_grid`` builds it)."""
+    """Configurations the decode grid holds (as ``hsd.decode.evaluate.build_grid`` builds it; exit drafters
+    counted alone, the three-level ones under deeper stages are not: a bound for the estimate)."""
     n = 0
+    stages = exit_layers if qc.exit_stage else 0
     for t in qc.temperatures:
         meths = 1 if t == 0 else len(qc.methods)
-        n += 2 + len(qc.k) * (2 + meths * (1 + exit_layers))  # generate, ar; per K lookup x2, head (+exit)
+        drafters = len(qc.exit_drafters) * (1 if qc.exit_draft_k else len(qc.k))
+        n += 2 + len(qc.k) * (2 + meths * (1 + stages)) + meths * drafters  # generate, ar; per K lookup x2,
+        # head (+ exit stages); exit drafters
         tree_meths = 1 if t == 0 else len({m == "tokenwise" for m in qc.methods})  # rrs / weighted
         n += len(qc.trees) * tree_meths
     return n
@@ -284,6 +295,11 @@ def decode_argv(qc: QuickstartConfig, target: str, head: Path, exit_head: Path, 
             "--out-dir", str(out)]
     if qc.trees:
         argv += ["--tree", *qc.trees]
+    if qc.exit_drafters:
+        sfx = f":{qc.exit_draft_k}" if qc.exit_draft_k else ""
+        argv += ["--drafter", *[f"exit:{layer}{sfx}" for layer in qc.exit_drafters]]
+    if not qc.exit_stage:
+        argv += ["--no-exit-stage"]
     if qc.threads:
         argv += ["--threads", str(qc.threads)]
     return argv + list(qc.decode_extra_args)
@@ -367,6 +383,43 @@ def headline_lines(decode: dict) -> list[str]:
     return out  # the machine line follows (write_report, MACHINE_PREFIX)
 
 
+def best_exit(decode: dict) -> dict | None:
+    """The exit configuration (planner ``exit`` rows) with the largest measured speed-up against the run
+    without it, or None when none ran."""
+    rows = [r for r in (decode.get("planner") or {}).get("exit", []) if r.get("measured_speedup_vs_baseline")]
+    return max(rows, key=lambda r: r["measured_speedup_vs_baseline"], default=None)
+
+
+def exit_line(decode: dict) -> str:
+    """One line: the best exit configuration with its numbers, or why the exit stage is left out."""
+    r = best_exit(decode)
+    if r is None:
+        return "early exit: no exit configuration was decoded (no exit head / exit layer in the grid)"
+    need = r.get("breakeven_agreement")
+    need_s = f"{need:.3f}" if need is not None else "unreachable"
+    nums = (f"{r['name']} x{r['measured_speedup_vs_baseline']:.2f} vs {r['baseline']} (predicted "
+            f"x{r['predicted_speedup_vs_baseline'] or float('nan'):.2f}), agreement {r['achieved_agreement']:.3f}, "
+            f"break-even {need_s}")
+    if r["measured_speedup_vs_baseline"] > 1.0:
+        return f"early exit: best {nums}"
+    return f"early exit: left out (no exit configuration beats the run without it); best {nums}"
+
+
+def exit_table(decode: dict) -> list[str]:
+    """Markdown rows, one per exit configuration: the run it must beat, speed-up predicted / measured, the
+    agreement reached and the agreement it needs to break even (planner arithmetic, measured costs)."""
+    rows = (decode.get("planner") or {}).get("exit", [])
+    if not rows:
+        return []
+    out = ["| exit configuration | kind | against | × predicted | × measured | agreement | break-even |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {r['kind']} | {r['baseline']} | {_fmt(r.get('predicted_speedup_vs_baseline'))} | "
+                   f"{_fmt(r.get('measured_speedup_vs_baseline'))} | {_fmt(r.get('achieved_agreement'), '.3f')} | "
+                   f"{_fmt(r.get('breakeven_agreement'), '.3f') or 'unreachable'} |")
+    return out
+
+
 def summary_lines(entries: list[dict], export_dir: Path, head_dir: Path, report: Path) -> list[str]:
     """The five lines printed at the end: τ, speed-up, where the head is, how to push it, the report."""
     g, s = best_head_entry(entries, 0.0), best_head_entry(entries, 1.0)
@@ -431,6 +484,11 @@ def write_report(path: Path, decode: dict, commands: dict[str, str], artefacts: 
         lines += ["Exit heads on the target's greedy outputs: " + ", ".join(
             f"layer {k}: top-1 {v['top1_agreement']:.3f}, alpha(T=1) {v['alpha_T1']:.3f}"
             for k, v in decode["exit_agreement"].items()), ""]
+    if exit_table(decode):
+        lines += ["## Early exit", "", exit_line(decode), "", *exit_table(decode), "",
+                  "Speed-ups are decode time per token (stage clock) against the run without the exit configuration; "
+                  "break-even = the agreement at which the planner's model of this configuration, with its measured "
+                  "costs, matches that run's measured speed.", ""]
     if plots:
         lines += ["## Plots", "", *[f"![{p.stem}](decode/{p.name})" for p in plots], ""]
     lines += ["## Training (held-out metrics at the end of each run)", "",
@@ -584,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"[5/5] wrote {report} ({(time.perf_counter() - t0) / 60:.1f} min)")
     for line in summary_lines(decode["runs"], export_dir, head, report):
         say(f"  {line}")
+    say(f"  {exit_line(decode)}")
     (out / "main_job.log").write_text("\n".join(printed) + "\n")
     return 0
 

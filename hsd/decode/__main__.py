@@ -11,8 +11,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hsd.decode", description=__doc__.split(":")[0])
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--head", help="EAGLE-3 head folder (default: no drafter, plain decoding)")
-    ap.add_argument("--exit-head", help="early-exit head folder (or a folder of layer_<l>/ heads)")
-    ap.add_argument("--exit-layer", type=int, help="which layer_<l> head to use (default: the shallowest)")
+    ap.add_argument("--exit-head", nargs="+", help="early-exit head folder(s) (or folders of layer_<l>/ heads)")
+    ap.add_argument("--exit-layer", type=int, help="exit stage: which layer_<l> head verifies (default: the "
+                                                   "shallowest; with --drafter exit:L only when given)")
+    ap.add_argument("--drafter", help="exit:L = draft with target layers 1..L + the exit head of layer L")
     ap.add_argument("--draft-model", help="HF draft model folder / Hub id, or layers:N")
     ap.add_argument("--lookup", action="store_true", help="draft by prompt lookup instead")
     ap.add_argument("--prompt", default="What is 12 times 7? Explain briefly.")
@@ -34,12 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import (
         DecodeConfig,
         Eagle3Drafter,
+        ExitDrafter,
         ExitStage,
         ModelDrafter,
         PromptLookupDrafter,
         SpeculativeDecoder,
         summarize,
     )
+    from .evaluate import exit_drafter_layer
     from .loading import load_draft_model, load_eagle3, load_exit_heads
     from .prompts import Prompt, render
 
@@ -49,14 +53,21 @@ def main(argv: list[str] | None = None) -> int:
                            max_new_tokens=args.max_new_tokens)
         target, tok = load_target(args.target)
         drafter = None
-        if args.head:
+        l1 = exit_drafter_layer(args.drafter) if args.drafter else None
+        if args.drafter and l1 is None:
+            raise ValueError(f"--drafter {args.drafter!r}: expected exit:L")
+        if l1 is not None:
+            if not args.exit_head:
+                raise ValueError("--drafter exit:L needs --exit-head")
+            drafter = ExitDrafter(load_exit_heads(args.exit_head, target, [l1])[l1])
+        elif args.head:
             drafter = Eagle3Drafter(load_eagle3(args.head, target))
         elif args.draft_model:
             drafter = ModelDrafter(load_draft_model(args.draft_model, target, tok)[0], int(target.config.vocab_size))
         elif args.lookup:
             drafter = PromptLookupDrafter()
         stage = None
-        if args.exit_head:
+        if args.exit_head and (l1 is None or args.exit_layer):
             heads = load_exit_heads(args.exit_head, target, [args.exit_layer] if args.exit_layer else None)
             stage = ExitStage(heads[min(heads)], int(target.config.num_hidden_layers))
         dec = SpeculativeDecoder(target, drafter, stage, cfg)

@@ -35,9 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m", help="short name, model folder or Hub id")
     ap.add_argument("--head", help="EAGLE-3 head folder (save_pretrained) or Hub id")
-    ap.add_argument("--exit-head", help="early-exit head folder, or a training output folder with layer_<l>/ heads")
+    ap.add_argument("--exit-head", nargs="+", help="early-exit head folder(s), or training output folder(s) with "
+                                                   "layer_<l>/ heads (several: their layers are merged)")
     ap.add_argument("--exit-layer", type=int, nargs="+", help="exit layers to decode with (default: every head "
                                                               "found; all found heads get the agreement report)")
+    ap.add_argument("--drafter", nargs="+", default=[], metavar="exit:L[:K]",
+                    help="early-exit drafting: exit:L drafts with target layers 1..L + the exit head of layer L "
+                         "(no extra model), alone and under every deeper --exit-layer stage (HiSpec's three levels); "
+                         "exit:L:K drafts K tokens per round instead of each --k")
+    ap.add_argument("--no-exit-stage", action="store_true",
+                    help="no exit-stage configurations (the exit heads still draft with --drafter exit:L)")
     ap.add_argument("--exit-window", type=int, default=1, help="window tokens before the full target pass")
     ap.add_argument("--draft-model", help="HF draft model (folder / Hub id) or layers:N (a layer-truncated copy "
                                           "of the target, for targets without a smaller sibling)")
@@ -137,6 +144,19 @@ def write_answers(path: Path, results, spec) -> None:
                 "tstamp": time.time()}) + "\n")
 
 
+def exit_lines(rows: list[dict]) -> list[str]:
+    """One line per exit configuration (planner ``exit`` rows): the run it must beat, predicted and measured
+    speed-up against it, achieved vs break-even agreement."""
+    out = []
+    for r in rows:
+        need = r.get("breakeven_agreement")
+        ms, ps = r.get("measured_speedup_vs_baseline"), r.get("predicted_speedup_vs_baseline")
+        out.append(f"exit {r['name']} ({r['kind']}): vs {r['baseline']}: measured x{ms or float('nan'):.2f}, predicted "
+                   f"x{ps or float('nan'):.2f}; agreement {r['achieved_agreement']:.3f}, break-even "
+                   + (f"{need:.3f}" if need is not None else "> 0.9999 (cannot win at these costs)"))
+    return out
+
+
 def exit_agreement(models, prompts, outputs) -> dict[str, Any]:
     """Per exit layer: top-1 agreement of the exit head with the target and alpha = sum min(p_f, p_l) at
     T = 1, on the target's own greedy outputs (the positions that predicted each generated token)."""
@@ -231,6 +251,12 @@ def specs_rows(args: argparse.Namespace, models) -> int:
     if models.exit_heads or args.exit_layer:
         rows += [k + 1 + args.exit_window for k in args.k]
     rows += [TreeSpec.parse(t).total_tokens + 1 for t in args.tree]
+    from .evaluate import parse_exit_drafter
+
+    for name in args.drafter:  # exit:L:K drafts at its own K (and under deeper exit stages)
+        own = (parse_exit_drafter(name) or (0, None))[1]
+        if own:
+            rows.append(own + 1 + (args.exit_window if models.exit_heads or args.exit_layer else 0))
     return max(rows)
 
 
@@ -322,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import Evaluator, build_grid, report_run, spec_settings, timestamp
+    from .evaluate import Evaluator, build_grid, parse_exit_drafter, report_run, spec_settings, timestamp
     from .loading import load_models
     from .planner import plan
     from .prompts import DEFAULT_PROMPT_FILES, load_prompts
@@ -354,6 +380,17 @@ def main(argv: list[str] | None = None) -> int:
             if layer not in models.exit_heads:
                 raise ValueError(f"--exit-layer {layer}: no exit head for it in {args.exit_head} "
                                  f"(found layers {sorted(models.exit_heads)})")
+        exit_drafters = []
+        for name in args.drafter:
+            parsed = parse_exit_drafter(name)
+            layer = None if parsed is None else parsed[0]
+            if layer is None:
+                raise ValueError(f"--drafter {name!r}: expected exit:L (the EAGLE-3 head, a draft model and prompt "
+                                 "lookup have their own flags: --head, --draft-model)")
+            if layer not in models.exit_heads:
+                raise ValueError(f"--drafter {name}: no exit head for layer {layer} in {args.exit_head or '(no --exit-head)'}"
+                                 f" (found layers {sorted(models.exit_heads)})")
+            exit_drafters.append(parsed)
         # the runner = the target's own forward, checked once (hsd.decode.target_check), before any baseline
         # or configuration runs: a target the engine would decode wrongly is refused here, in one line
         check = TargetRunner(models.target, cpu_kernels=not args.no_cpu_kernels).check
@@ -379,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     save_partial_args(out_dir, args)
     json_path = Path(args.json) if args.json else out_dir / "decode.json"
     specs = build_grid(args.temperature, args.k, args.method, args.backend, head=models.head is not None,
-                       exit_layers=args.exit_layer or sorted(models.exit_heads),
+                       exit_layers=[] if args.no_exit_stage else (args.exit_layer or sorted(models.exit_heads)),
+                       exit_drafters=exit_drafters,
                        draft_model=models.draft_model is not None, lookup=not args.no_lookup, hf=not args.no_hf,
                        ar=not args.no_ar,
                        exit_window=args.exit_window, top_k=args.top_k, top_p=args.top_p, baseline_ks=args.baseline_k,
@@ -498,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         m = row["measured_tpot_ms"]
         console.print(f"  {row['name']}: predicted {1e3 / row['predicted_tpot_ms']:.1f} tok/s, measured "
                       f"{(1e3 / m) if m else float('nan'):.1f} tok/s (decode only)")
+    for line in exit_lines(report["planner"].get("exit", [])):
+        console.print(line)
     if not args.no_plots:
         for p in plot_all(entries, out_dir):
             console.print(f"wrote {p}")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .config import DecodeConfig
 from .drafters import Drafter, NoDrafter
-from .exit_stage import ExitStage
+from .exit_stage import ExitStage, lower_layers
 from .rowtile import TiledRunner, resolve_row_tile
 from .sampling import process, sample
 from .stats import DecodeStats, RoundRecord
@@ -124,6 +124,10 @@ class SpeculativeDecoder:
                              f"indices 0..{n}): was the head trained for another target?")
         if exit_stage is not None and not 1 <= exit_stage.layer < n:
             raise ValueError(f"exit layer {exit_stage.layer} is outside the target's {n} layers")
+        reuse = lower_layers(self.drafter)
+        if reuse and exit_stage is not None and reuse >= exit_stage.layer:
+            raise ValueError(f"exit drafter at layer {reuse} with an exit stage at layer {exit_stage.layer}: the "
+                             "drafter's exit must be shallower than the intermediate verifier's (HiSpec: l1 < l2)")
 
     @property
     def row_tile(self) -> int | None:
@@ -198,6 +202,8 @@ class SpeculativeDecoder:
         k_max = spec.total_tokens if spec is not None else cfg.k + (cfg.exit_window if self.exit_stage is not None else 0)
         # a tiled runner attends over the whole cache: its size must not depend on the configuration
         state = runner.new_state(1, s + cfg.max_new_tokens + (self.row_tile or k_max) + 4)
+        if hasattr(drafter, "bind"):  # drafters that run the target's own layers (ExitDrafter)
+            drafter.bind(runner, state)
         feats = tuple(getattr(drafter, "feature_layers", ()))
         stats = DecodeStats(prompt_tokens=s)
         run = _Run(runner, state, drafter, cfg, generator, feats, input_ids, cfg.max_new_tokens, stats,
@@ -309,6 +315,7 @@ class SpeculativeDecoder:
     def round(self, run: _Run, k: int) -> RoundResult:
         """draft -> one target pass over [root, draft] -> verify -> crop the target cache."""
         cfg, state = run.config, run.state
+        base = state.length()  # before drafting: an exit drafter runs layers < l ahead
         with run.timer("draft"):
             draft = run.drafter.propose(k, cfg.sampling, run.generator) if k > 0 else None
         if draft is None or draft.size == 0:
@@ -320,13 +327,17 @@ class SpeculativeDecoder:
                 raise ValueError("a drafter returned a tree from propose(); trees are drafted with "
                                  "DecodeConfig(tree=...), which calls propose_tree and verify_tree")
             run.stats.draft_steps += draft.size if q is not None else 0
-        base = state.length()
         x = torch.cat([run.ctx[:, -1:], tokens], dim=1)
         es = self.exit_stage if self.exit_stage is not None and self.exit_stage.stateful else None
         capture = run.feature_layers + ((es.layer,) if es is not None else ())
+        reuse = lower_layers(run.drafter) if tokens.shape[1] else 0
         with run.timer("target"):
             t0 = run.clock()
-            out = run.runner.run(state, tokens=x, logit_rows=slice(None), capture=capture)
+            if reuse:  # early-exit drafts: layers < l hold [root, d_1..d_{k-1}]; run them over d_k only
+                h = run.drafter.lower_rows()
+                out = run.runner.run(state, hidden=h, start=reuse, logit_rows=slice(None), capture=capture)
+            else:
+                out = run.runner.run(state, tokens=x, logit_rows=slice(None), capture=capture)
             run.stats.passes[x.shape[1]].append(run.clock() - t0)
         with run.timer("verify"):
             a, y = verify_chain(tokens, q, out.logits, cfg.sampling, cfg.verify_method, cfg.backend, run.generator)

@@ -19,19 +19,41 @@ from .baselines import hf_generate, hf_settings
 from .config import DecodeConfig
 from .drafters import Eagle3Drafter, ModelDrafter, NoDrafter, PromptLookupDrafter
 from .engine import SpeculativeDecoder
+from .exit_draft import ExitDrafter
 from .exit_stage import ExitStage
 from .prompts import Prompt, render
 from .stats import DecodeStats, summarize
 from .tree_spec import TreeSpec
 
-ENGINE_DRAFTERS = ("none", "eagle3", "model", "lookup")
+ENGINE_DRAFTERS = ("none", "eagle3", "model", "lookup", "exit:L")
+
+
+def parse_exit_drafter(name: str) -> tuple[int, int | None] | None:
+    """``"exit:L"`` or ``"exit:L:K"`` (early-exit drafting from target layer L, K drafts per round instead of
+    the run's --k) -> (L, K or None); None for every other drafter name. ValueError naming the problem for a
+    malformed ``exit:`` spec."""
+    if not str(name).startswith("exit:"):
+        return None
+    parts = str(name)[5:].split(":")
+    if len(parts) > 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
+        raise ValueError(f"drafter {name!r}: expected exit:L or exit:L:K with L, K >= 1 (the exit layer to draft "
+                         "from, e.g. exit:4, and optionally its own draft length, e.g. exit:4:2)")
+    return int(parts[0]), (int(parts[1]) if len(parts) == 2 else None)
+
+
+def exit_drafter_layer(name: str) -> int | None:
+    """The exit layer of an ``exit:L[:K]`` drafter name, None for every other drafter."""
+    parsed = parse_exit_drafter(name)
+    return None if parsed is None else parsed[0]
+
+
 HF_KINDS = ("hf_generate", "hf_lookup", "hf_assisted")
 
 
 @dataclass
 class RunSpec:
     """One configuration. kind: "engine" or an HF baseline; drafter (engine): none | eagle3 | model |
-    lookup; exit_layer: None = no exit stage."""
+    lookup | exit:L (target layers 1..L + the exit head of layer L); exit_layer: None = no exit stage."""
 
     name: str
     kind: str
@@ -60,14 +82,17 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                head: bool, exit_layers: list[int], draft_model: bool, lookup: bool = True,
                hf: bool = True, exit_window: int = 1, top_k: int = 0, top_p: float = 1.0,
                baseline_ks: list[int] | None = None, model_drafter: bool = True,
-               trees: list[str] = (), chains: bool = True, ar: bool = True) -> list[RunSpec]:
+               trees: list[str] = (), chains: bool = True, ar: bool = True,
+               exit_drafters: list[int | tuple[int, int | None]] = ()) -> list[RunSpec]:
     """The default grid: per temperature, HF generate, this engine without a drafter, then per K the HF
     prompt-lookup / assisted baselines and every EAGLE-3 method x backend, with and without each exit
     layer, then every draft tree ("TOPK:DEPTH:TOTAL") x method x backend (trees have no exit stage; at
     T > 0 "tokenwise" verifies a tree by recursive rejection sampling, "blockwise"/"hsd" by the weighted
     tree verifier). ``chains=False``: no engine chains (the baselines of ``baseline_ks`` still run).
     ``ar=False``: no plain decoding by this engine (τ-only studies; no speed-up column). At T = 0
-    all verifiers see one-hot rows and agree (tested), so only "greedy" runs there."""
+    all verifiers see one-hot rows and agree (tested), so only "greedy" runs there. ``exit_drafters``: exit
+    layers L1 to draft from (``exit:L1``; ``(L1, K)``: at draft length K instead of ``ks``), each alone and
+    under every deeper exit stage L2 > L1 of ``exit_layers`` (HiSpec's three levels)."""
     specs: list[RunSpec] = []
     kw = dict(top_k=top_k, top_p=top_p)
     for temp in temperatures:
@@ -88,6 +113,18 @@ def build_grid(temperatures: list[float], ks: list[int], methods: list[str], bac
                 specs.append(RunSpec(f"{tn}/lookup-k{k}-{meths[0]}", "engine", temp, "lookup", k, meths[0], **kw))
             if draft_model and model_drafter:
                 specs.append(RunSpec(f"{tn}/model-k{k}-{meths[0]}", "engine", temp, "model", k, meths[0], **kw))
+            for l1, own in (x if isinstance(x, tuple) else (x, None) for x in exit_drafters):
+                if own is not None and k != min(ks):
+                    continue  # a drafter with its own K runs once, in the first K's slot
+                for m in meths:
+                    for b in backends:
+                        sfx = f"-{b}" if b != "torch" else ""
+                        kd = own or k
+                        name = f"{tn}/exit{l1}-k{kd}-{m}{sfx}"
+                        specs.append(RunSpec(name, "engine", temp, f"exit:{l1}", kd, m, b, **kw))
+                        for layer in (x for x in exit_layers if x > l1):
+                            specs.append(RunSpec(f"{name}+exit{layer}", "engine", temp, f"exit:{l1}", kd, m, b, layer,
+                                                 exit_window, **kw))
             if head:
                 for m in meths:
                     for b in backends:
@@ -120,6 +157,8 @@ def priority(spec: RunSpec, k_first: int) -> int:
         return 0
     if spec.tree is not None:
         return 1
+    if spec.kind == "engine" and spec.drafter.startswith("exit:"):
+        return 1  # exit drafters run at their own K (exit:L:K)
     if spec.kind == "engine" and spec.k == k_first:
         return 1 if spec.drafter == "eagle3" else 2
     return 3 if spec.kind in HF_KINDS else 4
@@ -191,6 +230,11 @@ class Evaluator:
                 drafter = ModelDrafter(m.draft_model, int(m.target.config.vocab_size), cpu_kernels=ck)
             elif spec.drafter == "lookup":
                 drafter = PromptLookupDrafter()
+            elif exit_drafter_layer(spec.drafter) is not None:
+                layer = exit_drafter_layer(spec.drafter)
+                if layer not in m.exit_heads:
+                    raise ValueError(f"drafter {spec.drafter}: no exit head for layer {layer} (have {sorted(m.exit_heads)})")
+                drafter = ExitDrafter(m.exit_heads[layer], cpu_kernels=ck)
             else:
                 drafter = NoDrafter()
             es = None

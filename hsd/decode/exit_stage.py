@@ -41,6 +41,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import RoundResult, _Run
 
 
+def lower_layers(drafter) -> int:
+    """How many bottom target layers a drafter has already run over its drafts (an exit drafter: its exit
+    layer l, whose layers-<l KV entries and h_l rows the verification reuses); 0 for every other drafter."""
+    return int(getattr(drafter, "reuses_layers", 0) or 0)
+
+
 def window_proposal(p_l_rows: Tensor, draft_q_rows: Tensor | None) -> Tensor:
     """The proposal law of the window the final verifier sees: the exit head's processed rows p_l.
 
@@ -50,24 +56,27 @@ def window_proposal(p_l_rows: Tensor, draft_q_rows: Tensor | None) -> Tensor:
     return p_l_rows
 
 
-class ExitStage:
-    """Wraps an :class:`~hsd.models.early_exit.EarlyExitHead` attached to the target."""
+class HeadFeed:
+    """What a stateful exit head (``attn``, ``layers``: its own KV cache) has read of the layers-<=l frontier.
 
-    def __init__(self, head: nn.Module, num_target_layers: int, cpu_kernels: bool = True):
-        self.head = head.eval()
-        if cpu_kernels:
-            relayout_linears(head)  # the body's linears; the LM head is the target's (see hsd.decode.cpu)
-        self.layer = check_exit_layer(int(head.config.exit_layer), num_target_layers)
-        self.stateful = head.config.head_type == "attn"
+    ``fed``: positions 0..fed-1 are in the head's cache; ``pending`` [B, P, H]: h_l rows of positions
+    fed..fed+P-1 that it has not read yet (the last token of a window, which only went through layers <= l
+    with the final pass, or the prompt). Position-wise heads keep nothing. Used by the exit stage and the
+    exit drafter alike.
+    """
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+        self.stateful = bool(head.stateful)
         self.reset()
 
     def reset(self, prompt_h: Tensor | None = None) -> None:
-        """New prompt; ``prompt_h`` [B, S, H]: h_l of the prompt rows (an attn head reads them first)."""
+        """New prompt; ``prompt_h`` [B, S, H]: h_l of the prompt rows (a stateful head reads them first)."""
         self.cache = None
-        self.fed = 0  # positions fed to an attn head
-        self.pending: Tensor | None = prompt_h if self.stateful else None  # h_l rows not yet fed to it
+        self.fed = 0
+        self.pending: Tensor | None = prompt_h if self.stateful else None
 
-    def head_logits(self, h_l: Tensor, start: int) -> Tensor:
+    def logits(self, h_l: Tensor, start: int) -> Tensor:
         """h_l [B, T, H] of positions start..start+T-1 -> target-vocabulary logits [B, T, V] of p_l."""
         t = h_l.shape[1]
         if not self.stateful:
@@ -85,7 +94,7 @@ class ExitStage:
 
     def crop(self, n: int, h_rows: Tensor | None = None, h_start: int = 0) -> None:
         """Committed/kept positions end at ``n``; ``h_rows`` [B, R, H] are h_l of positions h_start.. so that
-        rows the attn head has not seen yet can be fed with the next stage-1 pass."""
+        rows the head has not seen yet can be fed with the next pass."""
         if not self.stateful:
             return
         if self.fed > n:
@@ -101,6 +110,32 @@ class ExitStage:
             new = h_rows[:, have - h_start: n - h_start]
             self.pending = new if self.pending is None else torch.cat([self.pending, new], dim=1)
 
+
+class ExitStage:
+    """Wraps an :class:`~hsd.models.early_exit.EarlyExitHead` attached to the target."""
+
+    def __init__(self, head: nn.Module, num_target_layers: int, cpu_kernels: bool = True):
+        self.head = head.eval()
+        if cpu_kernels:
+            relayout_linears(head)  # the body's linears; the LM head is the target's (see hsd.decode.cpu)
+        self.layer = check_exit_layer(int(head.config.exit_layer), num_target_layers)
+        self.feed = HeadFeed(self.head)
+        self.stateful = self.feed.stateful  # attn / layers heads keep a KV cache over the layers-<=l frontier
+
+    # the head's cache bookkeeping (HeadFeed), under the names the engine and the tests read
+    cache = property(lambda self: self.feed.cache)
+    fed = property(lambda self: self.feed.fed)
+    pending = property(lambda self: self.feed.pending)
+
+    def reset(self, prompt_h: Tensor | None = None) -> None:
+        self.feed.reset(prompt_h)
+
+    def head_logits(self, h_l: Tensor, start: int) -> Tensor:
+        return self.feed.logits(h_l, start)
+
+    def crop(self, n: int, h_rows: Tensor | None = None, h_start: int = 0) -> None:
+        self.feed.crop(n, h_rows, h_start)
+
     @torch.no_grad()
     def round(self, run: _Run, k: int) -> RoundResult:
         from .engine import RoundResult
@@ -111,6 +146,10 @@ class ExitStage:
         method = cfg.verify_method
         lower = range(0, layer)
         base = state.length()
+        reuse = lower_layers(run.drafter)  # an exit drafter already ran layers < reuse over its drafts
+        if reuse >= layer:
+            raise ValueError(f"exit drafter at layer {reuse} with an exit stage at layer {layer}: the drafter's "
+                             "exit must be shallower than the intermediate verifier's")
         low = tuple(j for j in run.feature_layers if j <= layer)
         high = tuple(j for j in run.feature_layers if j > layer)
         first = run.ctx[:, -1:]
@@ -125,8 +164,11 @@ class ExitStage:
             run.stats.draft_steps += draft.size if draft.q is not None else 0
             x = torch.cat([first, draft.tokens], dim=1)
             with run.timer("stage1"):
-                start = state.length(lower)
-                o = runner.run(state, tokens=x, end=layer, capture=low)
+                start = state.length(range(reuse, layer))
+                if reuse:  # layers < reuse hold [first, d_1..d_{k-1}]; only d_k still needs them
+                    o = runner.run(state, hidden=run.drafter.lower_rows(), start=reuse, end=layer, capture=low)
+                else:
+                    o = runner.run(state, tokens=x, end=layer, capture=low)
                 logits_l = self.head_logits(o.hidden, start)
                 a, z = verify_chain(draft.tokens, draft.q, logits_l, params, method, cfg.backend, run.generator)
                 a = int(a[0])

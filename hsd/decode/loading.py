@@ -99,11 +99,20 @@ def exit_head_folders(path: str) -> dict[int, Path]:
     return found
 
 
-def load_exit_heads(path: str, target: nn.Module, layers: list[int] | None = None) -> dict[int, nn.Module]:
+def load_exit_heads(path: str | list[str], target: nn.Module, layers: list[int] | None = None) -> dict[int, nn.Module]:
+    """Exit heads of one folder or several (``path`` a list: their layers are merged; a layer found in two
+    folders is an error) -> {exit layer: head attached to ``target``}, only ``layers`` when given."""
     from hsd.models.early_exit import EarlyExitHead, check_exit_layer
 
     n = int(target.config.num_hidden_layers)
-    folders = exit_head_folders(path)
+    folders: dict[int, Path] = {}
+    for one in [path] if isinstance(path, (str, os.PathLike)) else list(path):
+        for layer, folder in exit_head_folders(str(one)).items():
+            if layer in folders:
+                raise ValueError(f"exit head: layer {layer} is in both {folders[layer]} and {folder}; give one "
+                                 "head per layer")
+            folders[layer] = folder
+    path = ", ".join(map(str, [path] if isinstance(path, (str, os.PathLike)) else path))
     for layer in layers or []:
         check_exit_layer(layer, n)
         if layer not in folders:
@@ -142,7 +151,7 @@ def load_draft_model(spec: str, target: nn.Module, tokenizer) -> tuple[nn.Module
     return model, f"Hugging Face causal LM {spec}"
 
 
-def load_models(target: str, head: str | None = None, exit_head: str | None = None,
+def load_models(target: str, head: str | None = None, exit_head: str | list[str] | None = None,
                 exit_layers: list[int] | None = None, draft_model: str | None = None, *, dtype: str = "auto",
                 device: str = "cpu", stock_copy: bool = True) -> Models:
     """Everything checked before anything runs (nothing half-run on bad input)."""

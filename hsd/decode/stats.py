@@ -7,7 +7,9 @@ Definitions (one each, as in the research note on evaluation anchors):
   Pooled over all rounds ("micro"); ``tau_macro`` is the mean of per-prompt tau.
 * ``reach_rate[i]`` (vLLM's "per-position acceptance", unconditional): rounds with >= i accepted drafts /
   rounds that drafted >= i tokens; ``cond_rate[i] = reach_rate[i] / reach_rate[i-1]`` (EAGLE's n-alpha).
-* ``accept_hist[a]``: rounds with a accepted drafts; ``draft_accept_rate``: accepted / drafted.
+* ``accept_hist[a]``: rounds with a accepted drafts; ``draft_accept_rate``: accepted / drafted;
+  ``accept_per_position``: accepted / positions verified (the accepted ones and the first rejected one),
+  the maximum-likelihood per-position acceptance of an i.i.d. chain (what the planner's models take).
 * With an exit stage: the same for stage 1 (draft -> exit head, ``stage1_*``) and for the final pass over
   the window (exit head -> target), plus ``tau_stage1`` (tokens kept per stage-1 pass).
 * Speed: ``tokens_per_s`` = new tokens / wall time including prefill (mean of per-prompt values and
@@ -80,8 +82,10 @@ def _rates(pairs: list[tuple[int, int]], k_max: int) -> dict[str, Any]:
         cond.append(None if r is None or not prev else r / prev)
         prev = r if r is not None else 0.0
     drafted = sum(d for d, _ in pairs)
+    tried = sum(min(a + 1, d) for d, a in pairs)  # positions verified: the accepted ones and the first rejected
     return {"reach_rate": reach, "cond_rate": cond, "accept_hist": hist,
             "draft_accept_rate": sum(a for _, a in pairs) / drafted if drafted else None,
+            "accept_per_position": sum(a for _, a in pairs) / tried if tried else None,
             "rounds": len(pairs), "drafted": drafted}
 
 

@@ -18,10 +18,18 @@ An early-exit head turns the target's hidden state after layer ``l`` into a next
   mlp       z = h + down(silu(gate(n)) * up(n)), n = RMSNorm(h)    H + 3*H*I  (down = 0 at init)
   attn      z = h + o_proj(Attn(RMSNorm(h))), causal, RoPE,        H + H*(nh+2*nkv)*hd + nh*hd*H
             own KV cache (Kangaroo-style adapter), o_proj = 0
+  layers    z = k decoder layers of the target's own class on h,   k * (one target layer)
+            initialised from the target's last k layers, own
+            KV cache over the k layers
   ========  ====================================================  ==========================
 
-  Every trainable type is a zero-initialised *residual* map, so an untrained head equals ``lens``
-  bit for bit.
+  ``lens``..``attn`` are zero-initialised *residual* maps, so an untrained head equals ``lens`` bit for
+  bit. ``layers`` is the exception: :meth:`EarlyExitHead.init_from_target` copies the target's last k
+  decoder layers into it (k = ``num_head_layers``), so at step 0 it is the target with layers l+1..L-k
+  skipped; its layers are the head's own copies (trained, saved with the head), never the target's
+  modules, so the residual-stream rule holds. They are built from the target's recorded config
+  (``layer_config``) and decoder-layer class (``layer_class``), so the family's own layer code runs
+  (biases, q/k norms...); full-attention layer types only.
 
 HARD RULE (enforced, not just documented): no trainable parameter on the target's residual stream.
 The head reads ``h_l`` and writes only to its own side branch; the target's layers (in particular layers
@@ -57,7 +65,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hsd.models import capture as cap
-from hsd.models.kv import KVCache, StepOutput
+from hsd.models.kv import KVCache, LayerStackCache, StepOutput
 from hsd.models.layers import RMSNorm, RotaryEmbedding, apply_rope, attend, causal_mask
 from hsd.models.vocab import DraftVocab
 
@@ -66,7 +74,8 @@ try:  # transformers >= 5: init functions that skip tensors already loaded from 
 except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
-HEAD_TYPES = ("lens", "affine", "lowrank", "mlp", "attn")
+HEAD_TYPES = ("lens", "affine", "lowrank", "mlp", "attn", "layers")
+STATEFUL_HEAD_TYPES = ("attn", "layers")  # attend over earlier positions: own KV cache
 
 
 class ResidualStreamError(ValueError):
@@ -84,7 +93,10 @@ class EarlyExitConfig(PretrainedConfig):
     ``training_temperature`` (the temperature T > 0 it was trained at; the default serving T), the target's ``hidden_size``,
     ``vocab_size`` and ``num_target_layers``, and the optional ``draft_vocab_size`` (reduced vocab).
     Attention geometry (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rope_theta``)
-    is used by ``attn`` only; ``intermediate_size`` by ``mlp`` only.
+    is used by ``attn`` only; ``intermediate_size`` by ``mlp`` only. ``layers`` only: ``num_head_layers``
+    (k), ``layer_config`` (the target's text config as a dict, to rebuild its decoder layers without the
+    target), ``layer_class`` ("module.ClassName" of the target's decoder layer) and ``init_layers`` (the
+    target layer indices the head's layers were initialised from).
     """
 
     model_type = "hsd_early_exit"
@@ -95,7 +107,8 @@ class EarlyExitConfig(PretrainedConfig):
                  num_key_value_heads: int = 0, head_dim: int = 0, rope_theta: float = 10000.0,
                  rms_norm_eps: float = 1e-6, hidden_size: int = 0, vocab_size: int = 0,
                  draft_vocab_size: int | None = None, training_temperature: float = 1.0,
-                 target_model_type: str = "", **kwargs):
+                 target_model_type: str = "", num_head_layers: int = 0, layer_config: dict | None = None,
+                 layer_class: str = "", init_layers: list[int] | None = None, **kwargs):
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
         self.exit_layer = int(exit_layer)
@@ -114,6 +127,10 @@ class EarlyExitConfig(PretrainedConfig):
         self.draft_vocab_size = int(draft_vocab_size) if draft_vocab_size else None
         self.training_temperature = float(training_temperature)
         self.target_model_type = target_model_type
+        self.num_head_layers = int(num_head_layers)
+        self.layer_config = dict(layer_config) if layer_config else None
+        self.layer_class = layer_class
+        self.init_layers = [int(i) for i in init_layers] if init_layers else None
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self.validate_head()
@@ -135,6 +152,19 @@ class EarlyExitConfig(PretrainedConfig):
         if self.draft_vocab_size is not None and self.vocab_size and not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size: must be in [1, vocab_size={self.vocab_size}], "
                              f"got {self.draft_vocab_size}")
+        if self.head_type == "layers":
+            if self.num_head_layers < 1:
+                raise ValueError(f"num_head_layers: a layers head needs >= 1 decoder layer, got {self.num_head_layers}")
+            if self.num_target_layers and self.num_head_layers > self.num_target_layers:
+                raise ValueError(f"num_head_layers: {self.num_head_layers} exceeds the target's "
+                                 f"{self.num_target_layers} layers")
+            if self.hidden_size and (not self.layer_config or not self.layer_class):
+                raise ValueError("layer_config / layer_class: a layers head needs the target's config and "
+                                 "decoder-layer class (use EarlyExitConfig.from_target)")
+            types = set((self.layer_config or {}).get("layer_types") or ["full_attention"])
+            if types - {"full_attention"}:
+                raise ValueError(f"layer_config: a layers head supports full-attention layers only, the target "
+                                 f"has layer types {sorted(types)}")
         if self.head_type == "attn" and self.hidden_size:
             nh, nkv = self.num_attention_heads, self.num_key_value_heads
             if nh <= 0 or nkv <= 0 or nh % nkv:
@@ -143,12 +173,23 @@ class EarlyExitConfig(PretrainedConfig):
             if self.head_dim <= 0 or self.head_dim % 2:
                 raise ValueError(f"head_dim: must be a positive even number (RoPE), got {self.head_dim}")
 
+    _LAYERS_ONLY = ("num_head_layers", "layer_config", "layer_class", "init_layers")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``PretrainedConfig.to_dict``; the ``layers``-only fields are left out of other heads' configs, so
+        their ``config.json`` stays what earlier versions wrote (loading fills the defaults)."""
+        d = super().to_dict()
+        if self.head_type != "layers":
+            for key in self._LAYERS_ONLY:
+                d.pop(key, None)
+        return d
+
     @classmethod
     def from_target(cls, target: nn.Module, exit_layer: int, head_type: str = "lens", *, rank: int = 0,
                     lora_alpha: float | None = None, intermediate_size: int = 0, training_temperature: float = 1.0,
                     draft_vocab_size: int | None = None, base_model_name_or_path: str | None = None,
                     base_model_revision: str | None = None, num_attention_heads: int = 0,
-                    num_key_value_heads: int = 0) -> EarlyExitConfig:
+                    num_key_value_heads: int = 0, num_head_layers: int = 1) -> EarlyExitConfig:
         """Fill the target-dependent fields from a Hugging Face causal LM (``*ForCausalLM``)."""
         tc = target.config
         n = cap.num_layers(target)
@@ -159,6 +200,12 @@ class EarlyExitConfig(PretrainedConfig):
         rope = getattr(tc, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", 0) or getattr(tc, "rope_theta", 0) or 10000.0)
         name = base_model_name_or_path if base_model_name_or_path is not None else getattr(tc, "_name_or_path", "")
+        extra: dict[str, Any] = {}
+        if head_type == "layers":
+            layer = cap.decoder_layers(target)[0]
+            text = tc.get_text_config() if hasattr(tc, "get_text_config") else tc
+            extra = dict(num_head_layers=num_head_layers, layer_config=_layer_config_dict(text),
+                         layer_class=f"{type(layer).__module__}.{type(layer).__name__}")
         return cls(base_model_name_or_path=name or "", base_model_revision=base_model_revision,
                    exit_layer=exit_layer, num_target_layers=n, head_type=head_type, rank=rank,
                    lora_alpha=lora_alpha, intermediate_size=intermediate_size, num_attention_heads=nh,
@@ -166,7 +213,16 @@ class EarlyExitConfig(PretrainedConfig):
                    rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6) or 1e-6),
                    hidden_size=int(tc.hidden_size), vocab_size=int(tc.vocab_size),
                    draft_vocab_size=draft_vocab_size, training_temperature=training_temperature,
-                   target_model_type=str(getattr(tc, "model_type", "")))
+                   target_model_type=str(getattr(tc, "model_type", "")), **extra)
+
+
+def _layer_config_dict(text_config) -> dict[str, Any]:
+    """The target's text config as a JSON-able dict (what a ``layers`` head rebuilds its layers from)."""
+    d = text_config.to_dict()
+    for key in ("architectures", "transformers_version", "_name_or_path", "auto_map", "torch_dtype", "dtype",
+                "id2label", "label2id", "quantization_config"):
+        d.pop(key, None)
+    return d
 
 
 def check_exit_layer(exit_layer: int, num_target_layers: int) -> int:
@@ -375,23 +431,93 @@ class AttnBody(_Body):
         v = self.v_proj(n).view(b, t, self.nkv, self.hd).transpose(1, 2)
         cos, sin = self.rotary(position_ids, n)
         keys, values = cache.append(apply_rope(k, cos, sin), v)
-        s = past + t
-        allowed = causal_mask(past, t, h.device)[None]  # [1, T, S]
-        if attention_mask is not None and attention_mask.dim() == 3:
-            if tuple(attention_mask.shape[1:]) != (t, s):
-                raise ValueError(f"attention_mask: a [B, T, P+T] mask needs shape [*, {t}, {s}], "
-                                 f"got {list(attention_mask.shape)}")
-            allowed = attention_mask.bool()
-        elif attention_mask is not None:
-            if attention_mask.shape[-1] != s:
-                raise ValueError(f"attention_mask: needs {s} columns (cached + new), got {attention_mask.shape[-1]}")
-            allowed = allowed & attention_mask[:, None, :].bool()
-        itself = torch.arange(past, s, device=h.device)[:, None] == torch.arange(s, device=h.device)[None, :]
-        out = attend(apply_rope(q, cos, sin), keys, values, (allowed | itself)[:, None])
+        out = attend(apply_rope(q, cos, sin), keys, values, head_attention_mask(past, t, attention_mask, h.device))
         return h + self.o_proj(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
-_BODIES = {"lens": LensBody, "affine": AffineBody, "lowrank": LowRankBody, "mlp": MLPBody, "attn": AttnBody}
+def head_attention_mask(past: int, t: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """The attention pattern of an attention-bearing head (``attn``, ``layers``): [B or 1, 1, T, past + T] bool.
+
+    Query t (absolute index past + t) attends to keys 0..past + t that are real tokens
+    (``attention_mask`` [B, past + T], 1 = real; or a packed batch's own [B, T, past + T] pattern, used as
+    given) and always to itself (padded queries stay finite; their
+    outputs are ignored). The one place both heads build their mask.
+    """
+    s = past + t
+    allowed = causal_mask(past, t, device)[None]  # [1, T, S]
+    if attention_mask is not None and attention_mask.dim() == 3:  # packed rows: [B, T, P+T] block-diagonal
+        if tuple(attention_mask.shape[1:]) != (t, s):
+            raise ValueError(f"attention_mask: a [B, T, P+T] mask needs shape [*, {t}, {s}], "
+                             f"got {list(attention_mask.shape)}")
+        allowed = attention_mask.bool()
+    elif attention_mask is not None:
+        if attention_mask.shape[-1] != s:
+            raise ValueError(f"attention_mask: needs {s} columns (cached + new), got {attention_mask.shape[-1]}")
+        allowed = allowed & attention_mask[:, None, :].bool()
+    itself = torch.arange(past, s, device=device)[:, None] == torch.arange(s, device=device)[None, :]
+    return (allowed | itself)[:, None]
+
+
+def _import_layer_class(path: str) -> type:
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"layer_class: cannot import the target's decoder layer {path!r} ({err})") from None
+
+
+def build_layer_config(config: EarlyExitConfig):
+    """The target's text config (``config.layer_config``) for ``num_head_layers`` layers, SDPA attention."""
+    from transformers import AutoConfig
+
+    d = dict(config.layer_config)
+    model_type = d.pop("model_type")
+    d["num_hidden_layers"] = config.num_head_layers
+    if isinstance(d.get("layer_types"), list):
+        d["layer_types"] = d["layer_types"][-config.num_head_layers:]
+    lc = AutoConfig.for_model(model_type, **d)
+    lc._attn_implementation = "sdpa"
+    return lc
+
+
+class LayersBody(_Body):
+    """k decoder layers of the target's own class on h (causal, RoPE from the target's rotary module,
+    which the head borrows at ``attach_target``), with one KV cache per layer (:class:`LayerStackCache`)."""
+
+    def __init__(self, config: EarlyExitConfig):
+        super().__init__()
+        import inspect
+
+        self.layer_config = build_layer_config(config)
+        cls = _import_layer_class(config.layer_class)
+        self.layers = nn.ModuleList([cls(self.layer_config, layer_idx=i) for i in range(config.num_head_layers)])
+        params = inspect.signature(self.layers[0].forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5 vs 4
+        self._rotary: list[nn.Module] = []  # the target's rotary embedding (borrowed, not a submodule)
+
+    def forward(self, h, position_ids=None, attention_mask=None, cache: LayerStackCache | None = None):
+        """h [B, T, H] new positions (the conventions of :class:`AttnBody`); ``cache`` (extended in place)
+        holds the previous P positions of every layer. Returns [B, T, H], the last layer's pre-norm output."""
+        if not self._rotary:
+            raise RuntimeError("no target attached: a layers head uses the target's rotary embedding")
+        b, t, _ = h.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=h.device).expand(b, t)
+        mask = None if (t == 1 and attention_mask is None) else head_attention_mask(past, t, attention_mask, h.device)
+        cos_sin = self._rotary[0](h, position_ids)
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        for layer in self.layers:
+            out = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin,
+                        use_cache=cache is not None, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
+_BODIES = {"lens": LensBody, "affine": AffineBody, "lowrank": LowRankBody, "mlp": MLPBody, "attn": AttnBody,
+           "layers": LayersBody}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,6 +546,7 @@ class EarlyExitHead(PreTrainedModel):
         self._borrowed: tuple[nn.Module, nn.Module] | None = None  # (final_norm, lm_head): not submodules
         self._law = cap.OutputLaw()
         self._target_ref: list[nn.Module] = []
+        self._sub_head = None  # cached draft-vocabulary rows of the LM head (see _draft_rows)
         self.post_init()
 
     # -- init / target ------------------------------------------------------------------------------
@@ -471,6 +598,28 @@ class EarlyExitHead(PreTrainedModel):
         self._borrowed = (cap.final_norm(target), cap.lm_head(target))
         self._law = cap.output_law(target)  # softcap / logit scaling after the LM head: p_l has the target's law
         self._target_ref = [target]
+        self._sub_head = None
+        if isinstance(self.body, LayersBody):
+            rotary = getattr(cap.base_model(target), "rotary_emb", None)
+            if rotary is None:
+                raise ValueError(f"target: {type(target).__name__} has no rotary embedding module "
+                                 "(model.model.rotary_emb), which a layers head needs")
+            self.body._rotary = [rotary]
+        return self
+
+    @torch.no_grad()
+    def init_from_target(self, target: nn.Module) -> EarlyExitHead:
+        """``layers`` heads: copy the target's last k decoder layers into the head's k layers (its step-0
+        weights: the target with layers l+1..L-k skipped). The copies are the head's own tensors."""
+        if not isinstance(self.body, LayersBody):
+            raise ValueError(f"init_from_target: only layers heads copy target layers (this is {self.config.head_type!r})")
+        src = list(cap.decoder_layers(target))
+        k = len(self.body.layers)
+        if len(src) < k:
+            raise ValueError(f"init_from_target: the target has {len(src)} layers, the head needs {k}")
+        for mine, theirs in zip(self.body.layers, src[-k:]):
+            mine.load_state_dict({n: t.detach().clone() for n, t in theirs.state_dict().items()})
+        self.config.init_layers = list(range(len(src) - k, len(src)))
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -504,6 +653,19 @@ class EarlyExitHead(PreTrainedModel):
     def target(self) -> nn.Module | None:
         return self._target_ref[0] if self._target_ref else None
 
+    @property
+    def stateful(self) -> bool:
+        """True for heads that attend over earlier positions (``attn``, ``layers``): they keep a KV cache."""
+        return self.config.head_type in STATEFUL_HEAD_TYPES
+
+    def new_cache(self) -> KVCache | LayerStackCache | None:
+        """An empty decoding cache of the right kind (None for position-wise heads)."""
+        if self.config.head_type == "attn":
+            return KVCache()
+        if self.config.head_type == "layers":
+            return LayerStackCache.new(self.config.num_head_layers)
+        return None
+
     def check_target(self) -> None:
         """Re-run the residual-stream checks on the attached target (cheap; call once per step)."""
         if self.target is None:
@@ -520,17 +682,30 @@ class EarlyExitHead(PreTrainedModel):
         x = norm(z.to(head.weight.dtype))
         if not self.config.draft_vocab_size:
             return self._law.logits(head(x))
-        ids = self.draft_vocab.target_ids
-        bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
-        return self._law.logits(F.linear(x, head.weight[ids], bias))
+        weight, bias = self._draft_rows(head)
+        return self._law.logits(F.linear(x, weight, bias))
+
+    def _draft_rows(self, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head rows of the draft vocabulary [V_d, H] (+ bias), gathered once and kept until the LM
+        head or ``d2t`` changes (a per-call gather would copy V_d x H floats every step). The LM head is
+        frozen, so the copy carries no gradient."""
+        w = head.weight
+        key = (w.data_ptr(), w.device, w.dtype, w._version, self.d2t.data_ptr(), self.d2t._version)
+        cached = getattr(self, "_sub_head", None)
+        if cached is None or cached[0] != key:
+            ids = self.draft_vocab.target_ids.to(w.device)
+            b = head.bias[ids].detach() if getattr(head, "bias", None) is not None else None
+            cached = (key, w[ids].detach().contiguous(), b)
+            self._sub_head = cached
+        return cached[1], cached[2]
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 select: torch.Tensor | None = None) -> StepOutput:
         """hidden_states [B, S, H] = target h_l -> logits [B, S, V'] (or [N, V'] at ``select`` [B, S] bool).
 
-        ``position_ids``, ``attention_mask`` and ``cache`` (extended in place) matter only for ``attn``;
-        the other heads are position-wise. ``select`` computes the LM head only where needed (training on
+        ``position_ids``, ``attention_mask`` and ``cache`` (extended in place) matter only for ``attn`` and
+        ``layers``; the other heads are position-wise. ``select`` computes the LM head only where needed (training on
         assistant positions). Logits are raw (no temperature).
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
@@ -538,7 +713,7 @@ class EarlyExitHead(PreTrainedModel):
                              f"got {list(hidden_states.shape)}")
         dtype = next(self.body.parameters()).dtype if self.config.head_type != "lens" else hidden_states.dtype
         h = hidden_states.to(dtype)
-        if self.config.head_type == "attn":
+        if self.stateful:
             z = self.body(h, position_ids, attention_mask, cache)
             if select is not None:
                 z = z[select]
@@ -555,11 +730,11 @@ class EarlyExitHead(PreTrainedModel):
         """Decode: h_l of the T new positions [B, T, H] (+ their positions, the head's cache) -> logits
         [B, T, V'] (``draft_vocab.scatter_logits`` puts them into the target vocabulary).
 
-        For ``attn`` the cache is created when None and extended in place; crop it with ``cache.crop(n)``
-        after rejections. Other head types keep no state (the cache stays None).
+        For ``attn`` and ``layers`` the cache is created when None and extended in place; crop it with
+        ``cache.crop(n)`` after rejections. Other head types keep no state (the cache stays None).
         """
-        if cache is None and self.config.head_type == "attn":
-            cache = KVCache()
+        if cache is None:
+            cache = self.new_cache()
         return self.forward(hidden_states, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
 
     def num_trainable_parameters(self) -> int:
@@ -582,6 +757,9 @@ def expected_num_parameters(config: EarlyExitConfig) -> int:
         return 2 * h * config.rank + h
     if t == "mlp":
         return h + 3 * h * (config.intermediate_size or h)
+    if t == "layers":  # the target's own layer class: count it (on the meta device, nothing allocated)
+        with torch.device("meta"):
+            return sum(p.numel() for p in LayersBody(config).parameters())
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     return h + h * (nh + 2 * nkv) * hd + nh * hd * h
 

@@ -53,3 +53,37 @@ class StepOutput:
     logits: torch.Tensor
     cache: KVCache | None = None
     hidden: torch.Tensor | None = None
+
+
+@dataclass
+class LayerStackCache:
+    """One :class:`KVCache` per decoder layer of a multi-layer head (the ``layers`` early-exit head).
+
+    Implements the part of transformers' ``Cache`` API that Hugging Face decoder layers call
+    (``update(key, value, layer_idx, ...)`` appends and returns every key/value so far, [B, n_kv, L, d]);
+    all layers hold the same positions, so ``length`` and ``crop(n)`` are per stack.
+    """
+
+    layers: list[KVCache]
+
+    @classmethod
+    def new(cls, num_layers: int) -> LayerStackCache:
+        return cls([KVCache() for _ in range(int(num_layers))])
+
+    is_compileable = False  # read by some transformers helpers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].append(key, value)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length
+
+    def crop(self, n: int) -> LayerStackCache:
+        """Keep the first ``n`` positions of every layer; returns the cache itself."""
+        for c in self.layers:
+            c.crop(n)
+        return self

@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 
 from hsd.decode.drafters import Eagle3Drafter, ModelDrafter, NoDrafter, PromptLookupDrafter, truncated_copy
+from hsd.decode.exit_draft import ExitDrafter
 from hsd.decode.exit_stage import ExitStage
 from hsd.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from hsd.models.early_exit import EarlyExitConfig, EarlyExitHead
 from tests.conftest import tiny_causal_lm
 
-DRAFTERS = ("none", "eagle3", "model", "lookup")
+DRAFTERS = ("none", "eagle3", "model", "lookup")  # + "exit" (ExitDrafter: layers 1..l + an exit head)
 
 
 def frozen(model):
@@ -41,11 +42,20 @@ def eagle3_head(t, vd: int | None = None, seed: int = 1, scale: float = 0.0):
     return head.attach_target(t).eval()
 
 
-def exit_head(t, head_type: str = "mlp", layer: int = 3, seed: int = 2, scale: float = 0.3):
-    """An early-exit head at ``layer`` with non-trivial (random) trained parameters."""
-    cfg = EarlyExitConfig.from_target(t, layer, head_type, intermediate_size=16,
-                                      rank=4 if head_type == "lowrank" else 0)
+def exit_head(t, head_type: str = "mlp", layer: int = 3, seed: int = 2, scale: float = 0.3, vd: int | None = None,
+              head_layers: int = 1):
+    """An early-exit head at ``layer`` with non-trivial (random) trained parameters; ``vd``: a scattered
+    draft vocabulary of that many ids (the cheap exit LM head); ``layers`` heads start from the target's
+    last ``head_layers`` layers (``scale`` = 0 keeps them exact copies)."""
+    v = t.config.vocab_size
+    cfg = EarlyExitConfig.from_target(t, layer, head_type, intermediate_size=16, draft_vocab_size=vd,
+                                      rank=4 if head_type == "lowrank" else 0, num_head_layers=head_layers)
     head = EarlyExitHead(cfg).attach_target(t)
+    if head_type == "layers":
+        head.init_from_target(t)
+    if vd:
+        ids = torch.sort(torch.randperm(v, generator=torch.Generator().manual_seed(seed))[:vd]).values
+        head.set_draft_vocab(ids - torch.arange(vd))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in head.parameters():
@@ -62,6 +72,9 @@ def drafter(name: str, t, **kw):
         return ModelDrafter(truncated_copy(t, 2), t.config.vocab_size)
     if name == "lookup":
         return PromptLookupDrafter()
+    if name == "exit":  # kw: head_type, layer, vd, scale, head_layers (exit_head's)
+        kw = {"head_type": "mlp", "layer": 1, **kw}
+        return ExitDrafter(exit_head(t, kw.pop("head_type"), kw.pop("layer"), **kw))
     raise ValueError(name)
 
 

@@ -86,6 +86,17 @@ def test_grid_without_plain_decoding():
     assert {"T0/ar", "T1/ar"} <= set(full) and tau_only == [n for n in full if n not in ("T0/ar", "T1/ar")]
 
 
+def test_grid_exit_drafters():
+    """exit:L drafts at every --k, exit:L:K at its own K only; each alone and under the deeper stages."""
+    from hsd.decode.evaluate import build_grid
+
+    names = [s.name for s in build_grid([0.0], [2, 3], ["hsd"], ["torch"], head=False, exit_layers=[3, 6],
+                                        draft_model=False, lookup=False, hf=False, exit_drafters=[4, (2, 1)])]
+    assert sorted(n for n in names if "exit" in n) == sorted([
+        "T0/exit4-k2-greedy", "T0/exit4-k2-greedy+exit6", "T0/exit4-k3-greedy", "T0/exit4-k3-greedy+exit6",
+        "T0/exit2-k1-greedy", "T0/exit2-k1-greedy+exit3", "T0/exit2-k1-greedy+exit6"])
+
+
 def test_select_prompts_spreads_over_sources():
     ps = [Prompt(f"{g}{i}", g, ["x"]) for g in ("gsm8k", "chat", "code") for i in range(5)]
     got = select_prompts(ps, 4)
@@ -144,6 +155,9 @@ def test_module_demo(tmp_path, capsys):
     fx.eagle3_head(t).save_pretrained(tmp_path / "head")
     assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "head"), "--max-new-tokens", "5",
                  "--temperature", "1", "--prompt", "what is one plus two?"]) == 0
+    fx.exit_head(t, "affine", 3, vd=40).save_pretrained(tmp_path / "exits" / "layer_3")
+    assert demo(["--target", str(root / "target"), "--exit-head", str(tmp_path / "exits"), "--drafter", "exit:3",
+                 "--max-new-tokens", "5", "--k", "2", "--prompt", "what is one plus two?"]) == 0
     assert "tau" in capsys.readouterr().out
     assert demo(["--target", str(root / "target"), "--head", str(tmp_path / "nope")]) == 2
 
@@ -251,3 +265,89 @@ def test_row_tile_in_the_cli(tmp_path, capsys):
     assert "greedy trees run untiled" in capsys.readouterr().out
     assert main(["--row-tile", "3", "--k", "3", "--no-hf", "--target", str(root / "target")]) == 2
     assert "row_tile >= 4" in capsys.readouterr().err
+
+
+def test_script_exit_drafter_and_planner_rows(tmp_path, capsys):
+    """--drafter exit:2: early-exit drafting alone and under the deeper exit stage 5 (three levels); every
+    T = 0 run reproduces generate; the planner reports each exit configuration against the run without it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import write_tiny_chat_run
+
+    root = write_tiny_chat_run(tmp_path)
+    t = fx.frozen(AutoModelForCausalLM.from_pretrained(root / "target"))
+    fx.exit_head(t, "layers", 2).save_pretrained(tmp_path / "a" / "layer_2")
+    fx.exit_head(t, "mlp", 5, vd=40).save_pretrained(tmp_path / "b" / "layer_5")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "g", "source": "gsm8k",
+                                   "messages": [{"role": "user", "content": "what is 3 plus 4?"}]}) + "\n")
+    out = tmp_path / "out"
+    base = ["--target", str(root / "target"), "--exit-head", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--prompts", str(prompts), "--max-new-tokens", "8", "--k", "2", "--temperature", "0", "1", "--method",
+            "hsd", "--no-hf", "--no-lookup", "--no-plots"]
+    assert main([*base, "--drafter", "exit:2", "--exit-layer", "5", "--out-dir", str(out)]) == 0
+    rep = json.loads((out / "decode.json").read_text())
+    names = {e["name"]: e for e in rep["runs"]}
+    assert {"T0/exit2-k2-greedy", "T0/exit2-k2-greedy+exit5", "T1/exit2-k2-hsd", "T1/exit2-k2-hsd+exit5"} <= set(names)
+    assert names["T0/exit2-k2-greedy"]["exact_match"] == 1.0 and names["T0/exit2-k2-greedy+exit5"]["exact_match"] == 1.0
+    rows = {r["name"]: r for r in rep["planner"]["exit"]}
+    assert rows["T0/exit2-k2-greedy"]["baseline"] == "T0/ar" and rows["T0/exit2-k2-greedy"]["kind"] == "exit drafter"
+    assert rows["T1/exit2-k2-hsd+exit5"]["baseline"] == "T1/exit2-k2-hsd"
+    for r in rows.values():
+        assert r["predicted_tpot_ms"] > 0 and r["measured_tpot_ms"] > 0 and 0 <= r["achieved_agreement"] <= 1
+        assert r["breakeven_agreement"] is None or 0 <= r["breakeven_agreement"] <= 1
+    assert "break-even" in capsys.readouterr().out
+    assert main([*base, "--drafter", "eagle3", "--out-dir", str(tmp_path / "o2")]) == 2
+    assert main([*base, "--drafter", "exit:2:x", "--out-dir", str(tmp_path / "o2")]) == 2
+    assert main([*base, "--drafter", "exit:3", "--out-dir", str(tmp_path / "o3")]) == 2
+    assert "no exit head for layer 3" in capsys.readouterr().err
+
+
+def test_planner_exit_drafter_model_and_breakeven():
+    from hsd.decode.planner import breakeven_agreement, exit_drafter
+
+    rng = random.Random(2)
+    k, a = 3, 0.45
+    tok_mc = 0
+    for _ in range(40000):
+        j = 0
+        while j < k and rng.random() < a:
+            j += 1
+        tok_mc += j + 1
+    tok, cost = exit_drafter(k, a, 0.2, 1.3)
+    assert tok == pytest.approx(tok_mc / 40000, rel=0.02) and cost == pytest.approx(3 * 0.2 + 1.3)
+
+    def tpot(x):
+        t_, c_ = exit_drafter(k, x, 0.2, 1.3)
+        return c_ / t_
+
+    need = breakeven_agreement(tpot, 1.0)
+    assert tpot(need) == pytest.approx(1.0, rel=1e-6) and tpot(need - 0.01) > 1.0
+    assert breakeven_agreement(tpot, 0.4) is None  # 1.9 t1 per round cannot reach 0.4 t1 per token
+
+
+def _entry(name, drafter, k, *, exit_layer=None, accepted=0, tried=1, draft_ms=0.0, target_s=1.0, rounds=10,
+           cpu_s=1.0, tokens=10):
+    """A minimal decode.json entry (what plan() reads), at T = 0."""
+    return {"name": name, "kind": "engine", "temperature": 0.0, "drafter": drafter, "k": k, "method": "greedy",
+            "backend": "torch", "exit_layer": exit_layer, "exit_window": 1 if exit_layer else None, "tree": None,
+            "reach_rate": [accepted / tried] * k, "accept_per_position": accepted / tried, "draft_step_ms": draft_ms,
+            "target_pass_ms": {1: 100.0} if drafter == "none" else {}, "rounds": rounds,
+            "time_breakdown_s": {"target": target_s, "prefill": 0.0}, "cpu_s": cpu_s, "decode_tokens": tokens}
+
+
+@pytest.mark.parametrize("agreement,wins", [(0.1, False), (0.9, True)])
+def test_planner_never_picks_an_exit_drafter_predicted_to_lose(agreement, wins):
+    from hsd.decode.planner import plan
+
+    ar = _entry("T0/ar", "none", 0, rounds=10, target_s=1.0, cpu_s=1.0, tokens=10)  # 100 ms per token
+    tried = 100
+    ex = _entry("T0/exit4-k1-greedy", "exit:4", 1, accepted=int(agreement * tried), tried=tried, draft_ms=15.0,
+                rounds=10, target_s=1.2, cpu_s=1.35, tokens=10)
+    out = plan(json.loads(json.dumps([ar, ex])))  # as read back from decode.json (str keys)
+    row = out["exit"][0]
+    assert row["baseline"] == "T0/ar" and row["achieved_agreement"] == pytest.approx(agreement)
+    assert (row["breakeven_agreement"] < agreement) == wins
+    assert (row["predicted_speedup_vs_baseline"] > 1) == wins
+    best = out["best"]["T0"]
+    assert best.get("drafter") == "exit:4" if wins else best["name"] == "T0/ar"
