@@ -45,8 +45,11 @@ demo: install
 gpu-check: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
+# pytest runs one worker per core (pytest-xdist; a test file stays on one worker, so its fixtures are built once);
+# TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 test: install speculators-env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install speculators-env run demo gpu-check test

@@ -21,6 +21,11 @@ import torch  # noqa: E402
 torch.set_default_dtype(torch.float32)  # the tests compare against float32 references
 
 
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (one per core): one torch thread, no oversubscription
+        torch.set_num_threads(1)
+
+
 def _fast_interpreted_device_calls() -> None:
     """TRITON_INTERPRET: every call of a @triton.jit helper from a kernel re-patches triton.language
     (~5 ms of inspect.getmembers per call, most of the kernel tests' time). The first call of each
