@@ -4,6 +4,7 @@ config keys as one clear error."""
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 
 import pytest
@@ -96,12 +97,13 @@ def _check_readme_block(out, printed, rows, readme):
     log = (out / "main_job.log").read_text()
     ours, shown = log.splitlines(), iter(printed.splitlines())
     assert all(any(ln == p for p in shown) for ln in ours)  # the job's own lines, in the order printed
-    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  early exit: ") and len(ours) == 19
+    assert ours[0].startswith("main job -> ") and ours[-1].startswith("  early exit: ") and len(ours) == 20
     assert ours[1] == f"machine: {machine_line(machine_info('cpu', torch.float32))}"  # conftest pins auto = fp32
     assert f"Machine: {ours[1].removeprefix('machine: ')}" in (out / "report.md").read_text().splitlines()
     assert any(ln.strip().startswith("Precision: decode float32") for ln in ours)  # which precision decoded, and why
     assert ours[2].startswith("precision: EAGLE-3 trains on float32 target features") and "measured" in ours[2]
     assert ours[3].startswith("data: EAGLE-3 trains on")
+    assert ours[4] == "speed: costs and data size as configured (no reference_gflops)"  # the tiny config has none
     readme.write_text("# x\n\nbefore\n<!-- main-job:begin old -->\nstale\n<!-- main-job:end -->\nafter\n")
     assert quickstart.readme_main([str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
@@ -136,3 +138,43 @@ def test_estimate_from_configured_steps(capsys):
     line = capsys.readouterr().out
     minutes = float(re.search(r"estimated ([0-9.]+) min", line).group(1))
     assert 10 < minutes <= 25, line
+
+
+def test_machine_speed_scales_the_plan_and_is_pinned(tmp_path, monkeypatch):
+    """reference_gflops: the job measures this machine's fp32 matmul peak, scales the EAGLE-3 data size and the
+    costs by the ratio (clipped to 0.5x..2x), and pins the measurement so that a rerun sizes (and reuses) alike."""
+    import hsd.precision
+    from hsd.config import load_config
+
+    qc = load_config(quickstart.QuickstartConfig, "configs/quickstart/smollm2-135m.yaml", [])
+    assert qc.reference_gflops > 0 and qc.eagle3_conversations > 0
+    peak = {"flops": 1.5 * qc.reference_gflops * 1e9}
+    monkeypatch.setattr(hsd.precision, "matmul_peak_flops", lambda *a, **k: peak["flops"])
+    speed = quickstart.machine_speed(qc, tmp_path)
+    assert speed.ratio == pytest.approx(1.5) and not speed.pinned and "1.50x" in speed.line()
+    n = qc.eagle3_conversations
+    assert quickstart.eagle3_size_overrides(qc, False, speed.ratio) == [f"max_conversations={round(1.5 * n)}"]
+    assert quickstart.eagle3_size_overrides(qc, False) == [f"max_conversations={n}"]
+    out = tmp_path / "job"
+    quickstart.pin_speed(speed, out)
+    peak["flops"] = 0.1 * qc.reference_gflops * 1e9  # the machine is slower at the rerun: the pinned figure holds
+    again = quickstart.machine_speed(qc, out)
+    assert again.pinned and again.ratio == pytest.approx(1.5) and "pinned" in again.line()
+    fresh = quickstart.machine_speed(qc, tmp_path / "other")
+    assert fresh.ratio == quickstart.SPEED_RANGE[0]  # 0.1x, clipped
+    assert quickstart.speed_ratio(10 * qc.reference_gflops, qc.reference_gflops) == quickstart.SPEED_RANGE[1]
+    none = quickstart.machine_speed(load_config(quickstart.QuickstartConfig, None, ["reference_gflops=0"]), tmp_path)
+    assert none.gflops is None and none.ratio == 1.0
+
+
+def test_estimate_scales_with_the_measured_speed():
+    from hsd.config import load_config
+
+    qc = load_config(quickstart.QuickstartConfig, "configs/quickstart/smollm2-135m.yaml", [])
+    stages = quickstart.training_stages(qc, pathlib.Path("/nonexistent/q"))
+    cfgs = [s.load() for s in stages]
+    slow = quickstart.estimate_seconds(qc, stages, cfgs, [False, False], speed=1.0)
+    fast = quickstart.estimate_seconds(qc, stages, cfgs, [False, False], speed=2.0)
+    for name in ("eagle3", "early_exit"):  # setup time stays, step costs halve
+        assert fast[name] - qc.setup_seconds == pytest.approx((slow[name] - qc.setup_seconds) / 2)
+    assert fast["decode"] - 30 == pytest.approx((slow["decode"] - 30) / 2)

@@ -77,6 +77,11 @@ class QuickstartConfig:
     early_exit_seconds_per_step: float = 2.5
     decode_tokens_per_s: float = 10.0
     setup_seconds: float = 30.0  # per training stage: target load, data, end-of-run evaluation
+    # The costs and sizes above were measured on a machine whose fp32 matmul peak (hsd.precision.matmul_peak_flops,
+    # `threads` threads) was reference_gflops. > 0: the job measures this machine's peak once (pinned in
+    # <output_dir>/speed.json, so reruns size alike), divides the costs by the speed ratio and scales the EAGLE-3
+    # conversations by it (within 0.5x..2x). 0: the figures are used as they are.
+    reference_gflops: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -89,7 +94,7 @@ class QuickstartConfig:
         if self.exit_draft_k < 0:
             raise ValueError(f"exit_draft_k must be >= 0 (0 = each of k), got {self.exit_draft_k}")
         for name in ("num_prompts", "threads", "eagle3_conversations", "eagle3_conversations_bf16",
-                     "eagle3_seconds_per_step_bf16"):
+                     "eagle3_seconds_per_step_bf16", "reference_gflops"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
@@ -167,10 +172,65 @@ def training_precision(cfg: Any) -> TrainingPrecision:
     return TrainingPrecision(feature, mixed, "bfloat16" in (feature, {"bf16": "bfloat16"}.get(mixed)), why)
 
 
-def eagle3_size_overrides(qc: QuickstartConfig, bf16: bool) -> list[str]:
-    """``max_conversations=N`` for the EAGLE-3 stage by precision (none when the quickstart leaves it 0)."""
+SPEED_RANGE = (0.5, 2.0)  # how far the measured speed may move the EAGLE-3 data size
+
+
+@dataclass
+class MachineSpeed:
+    """This machine's fp32 matmul peak against the one the config's costs were measured on."""
+
+    gflops: float | None  # measured here (None: no reference configured, nothing measured)
+    reference_gflops: float
+    ratio: float  # gflops / reference, clipped to SPEED_RANGE (1.0 without a reference)
+    pinned: bool = False  # read back from speed.json (an earlier run of this job)
+
+    def line(self) -> str:
+        if self.gflops is None:
+            return "speed: costs and data size as configured (no reference_gflops)"
+        return (f"speed: this machine's fp32 matmul peak {self.gflops:.1f} GFLOP/s, {self.ratio:.2f}x the "
+                f"{self.reference_gflops:.1f} GFLOP/s the costs were measured at"
+                + (" (pinned by the first run: speed.json)" if self.pinned else "")
+                + "; costs and the EAGLE-3 data size scaled by it")
+
+
+def speed_ratio(gflops: float, reference_gflops: float) -> float:
+    """gflops / reference, clipped to :data:`SPEED_RANGE`."""
+    lo, hi = SPEED_RANGE
+    return min(hi, max(lo, gflops / reference_gflops))
+
+
+def machine_speed(qc: QuickstartConfig, out: Path) -> MachineSpeed:
+    """Measure (or read back from ``out/speed.json``) this machine's speed against ``qc.reference_gflops``."""
+    if not qc.reference_gflops:
+        return MachineSpeed(None, 0.0, 1.0)
+    pinned = out / "speed.json"
+    if pinned.is_file():
+        rec = json.loads(pinned.read_text())
+        if rec.get("reference_gflops") == qc.reference_gflops:
+            return MachineSpeed(rec["gflops"], qc.reference_gflops, speed_ratio(rec["gflops"], qc.reference_gflops),
+                                pinned=True)
+    import torch
+
+    from hsd.precision import matmul_peak_flops
+
+    # a 1 s budget: the best of ~25 large matmuls (a 0.25 s one swings 49-78 GFLOP/s on one CPU, this 71-78)
+    gflops = matmul_peak_flops("cuda" if torch.cuda.is_available() else "cpu", torch.float32, budget_s=1.0) / 1e9
+    return MachineSpeed(gflops, qc.reference_gflops, speed_ratio(gflops, qc.reference_gflops))
+
+
+def pin_speed(speed: MachineSpeed, out: Path) -> None:
+    """Record the measured speed so that reruns of the job size (and so reuse) alike."""
+    if speed.gflops is not None and not speed.pinned:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps({"gflops": speed.gflops,
+                                                    "reference_gflops": speed.reference_gflops}) + "\n")
+
+
+def eagle3_size_overrides(qc: QuickstartConfig, bf16: bool, speed: float = 1.0) -> list[str]:
+    """``max_conversations=N`` for the EAGLE-3 stage by precision and measured speed (none when the quickstart
+    leaves it 0)."""
     n = qc.eagle3_conversations_bf16 if bf16 and qc.eagle3_conversations_bf16 else qc.eagle3_conversations
-    return [f"max_conversations={n}"] if n else []
+    return [f"max_conversations={max(1, round(n * speed))}"] if n else []
 
 
 def training_stages(qc: QuickstartConfig, out: Path, eagle3_sizing: Sequence[str] = ()) -> list[Stage]:
@@ -249,17 +309,18 @@ def decode_configurations(qc: QuickstartConfig, exit_layers: int) -> int:
 
 
 def estimate_seconds(qc: QuickstartConfig, stages: list[Stage], cfgs: list[Any], reused: list[bool],
-                     bf16: bool = False) -> dict[str, float]:
-    """Seconds per stage, from the configured steps and the per-step costs measured on this CPU (the config;
-    the EAGLE-3 cost of the precision it trains in here)."""
+                     bf16: bool = False, speed: float = 1.0) -> dict[str, float]:
+    """Seconds per stage, from the configured steps and the measured per-step costs of the config (the EAGLE-3
+    cost of the precision it trains in here), divided by this machine's measured ``speed`` ratio."""
     e3 = qc.eagle3_seconds_per_step_bf16 if bf16 and qc.eagle3_seconds_per_step_bf16 else qc.eagle3_seconds_per_step
-    rate = {"eagle3": e3, "early_exit": qc.early_exit_seconds_per_step}
+    rate = {"eagle3": e3 / speed, "early_exit": qc.early_exit_seconds_per_step / speed}
     est = {s.name: 0.0 if done else qc.setup_seconds + planned_steps(c) * rate[s.name]
            for s, c, done in zip(stages, cfgs, reused)}
     layers = len(getattr(cfgs[1], "exit_layers", []) or [4])
     prompts = qc.num_prompts or 50
     est["export"] = 20.0
-    est["decode"] = 30.0 + decode_configurations(qc, layers) * prompts * qc.max_new_tokens / qc.decode_tokens_per_s
+    est["decode"] = 30.0 + decode_configurations(qc, layers) * prompts * qc.max_new_tokens / (qc.decode_tokens_per_s
+                                                                                              * speed)
     return est
 
 
@@ -583,20 +644,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
     qc = load_config(QuickstartConfig, args.config, overrides)
     out = Path(qc.output_dir)
+    if qc.threads:  # before any measurement: the speed and precision probes run with the threads training uses
+        import torch
+
+        torch.set_num_threads(qc.threads)
     plain = training_stages(qc, out)[0].load()  # the EAGLE-3 config before sizing: its precision settings
     tp = training_precision(plain)
-    stages = training_stages(qc, out, eagle3_size_overrides(qc, tp.bf16))
+    speed = machine_speed(qc, out)
+    stages = training_stages(qc, out, eagle3_size_overrides(qc, tp.bf16, speed.ratio))
     cfgs = [s.load() for s in stages]  # every config checked before anything runs
     for name in qc.prompts:
         if not Path(name).is_file():
             raise FileNotFoundError(f"prompt file not found: {name!r}")
     reused = [finished_run(c) for c in cfgs]
-    est = estimate_seconds(qc, stages, cfgs, reused, tp.bf16)
-    notes_precision = precision_lines(tp, cfgs[0], qc)
-    if qc.threads:
-        import torch
-
-        torch.set_num_threads(qc.threads)
+    est = estimate_seconds(qc, stages, cfgs, reused, tp.bf16, speed.ratio)
+    notes_precision = [*precision_lines(tp, cfgs[0], qc), speed.line()]
     say(f"main job -> {out}; estimated {sum(est.values()) / 60:.1f} min on this CPU ("
          + ", ".join(f"{k} {v / 60:.1f}" + (" (finished: reused)" if v == 0 else "") for k, v in est.items())
          + "; from the configured steps x measured costs in " + args.config + ")")
@@ -606,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(line)
     if args.estimate_only:
         return 0
+    pin_speed(speed, out)
     out.mkdir(parents=True, exist_ok=True)
     t0, notes, commands, metrics = time.perf_counter(), {}, {}, {}
     for i, (stage, cfg) in enumerate(zip(stages, cfgs), 1):
