@@ -1,5 +1,5 @@
 """Packing in both trainers: the task's own loss and gradients on a packed batch equal the unpacked batch of the
-same conversations (EAGLE-3 TTT; early-exit ``attn`` heads), and a packed run trains end to end (with the
+same conversations (EAGLE-3 TTT; early-exit ``attn`` and ``layers`` heads), and a packed run trains end to end (with the
 target cache), logs useful tokens/s and MFU, and writes precision.json into every saved head folder."""
 from __future__ import annotations
 
@@ -69,11 +69,12 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[2][n], b[2][n], rtol=1e-4, atol=2e-6 * scale, msg=n)
 
 
-@pytest.mark.parametrize("trainer", ["eagle3", "early_exit"])
+@pytest.mark.parametrize("trainer", ["eagle3", "early_exit", "early_exit_layers"])
 def test_task_loss_packed_equals_unpacked(env, tmp_path, trainer):
     make, cls = (e3_cfg, Eagle3Task) if trainer == "eagle3" else (ee_cfg, EarlyExitTask)
-    plain = _setup(cls(make(env, tmp_path / "u", "eval_fraction=0")))
-    packed = _setup(cls(make(env, tmp_path / "p", "eval_fraction=0", "packing=true")))
+    extra = ["head_type=layers", "head_layers=1"] if trainer == "early_exit_layers" else []  # target decoder layers
+    plain = _setup(cls(make(env, tmp_path / "u", "eval_fraction=0", *extra)))
+    packed = _setup(cls(make(env, tmp_path / "p", "eval_fraction=0", "packing=true", *extra)))
     assert sorted(r["row_id"] for r in plain._train) == sorted(i for p in packed._train for i in p["row_ids"])
     assert len(packed._train) * 2 < len(plain._train)  # ~85-token conversations, rows of up to 256
     if trainer == "eagle3":
