@@ -178,3 +178,22 @@ def test_estimate_scales_with_the_measured_speed():
     for name in ("eagle3", "early_exit"):  # setup time stays, step costs halve
         assert fast[name] - qc.setup_seconds == pytest.approx((slow[name] - qc.setup_seconds) / 2)
     assert fast["decode"] - 30 == pytest.approx((slow["decode"] - 30) / 2)
+
+
+def test_budget_caps_the_data_on_a_slow_machine(capsys, monkeypatch):
+    """On a slow or busy machine the fixed stages (decoding, early exit) take more of the budget: the EAGLE-3 data
+    is capped below its speed-scaled size so that the whole estimate still fits, and the job says so."""
+    import hsd.precision
+    from hsd.config import load_config
+
+    qc = load_config(quickstart.QuickstartConfig, "configs/quickstart/smollm2-135m.yaml", [])
+    assert qc.budget_minutes > 0
+    monkeypatch.setattr(hsd.precision, "matmul_peak_flops", lambda *a, **k: 0.55 * qc.reference_gflops * 1e9)
+    assert quickstart.main(["--estimate-only", "--output-dir", "/nonexistent/quickstart-slow"]) == 0
+    out = capsys.readouterr().out
+    minutes = float(re.search(r"estimated ([0-9.]+) min", out).group(1))
+    n = int(re.search(r"the first (\d+) conversations", out).group(1))
+    assert minutes <= qc.budget_minutes + 0.5, out  # steps grow with packed rows, not exactly with conversations
+    assert n < round(0.55 * qc.eagle3_conversations) and f"capped at {n} conversations" in out
+    q0 = load_config(quickstart.QuickstartConfig, "configs/quickstart/smollm2-135m.yaml", ["budget_minutes=0"])
+    assert quickstart.budget_conversations(q0, 200, 140, {"eagle3": 900.0, "decode": 300.0}, False, 1.0) is None

@@ -82,6 +82,9 @@ class QuickstartConfig:
     # <output_dir>/speed.json, so reruns size alike), divides the costs by the speed ratio and scales the EAGLE-3
     # conversations by it (within 0.5x..2x). 0: the figures are used as they are.
     reference_gflops: float = 0.0
+    # > 0: the EAGLE-3 data size is also capped so that the whole job's estimate (at the measured speed) stays
+    # within this many minutes: on a slow or busy machine the fixed stages (decoding, early exit) take a larger share
+    budget_minutes: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -94,7 +97,7 @@ class QuickstartConfig:
         if self.exit_draft_k < 0:
             raise ValueError(f"exit_draft_k must be >= 0 (0 = each of k), got {self.exit_draft_k}")
         for name in ("num_prompts", "threads", "eagle3_conversations", "eagle3_conversations_bf16",
-                     "eagle3_seconds_per_step_bf16", "reference_gflops"):
+                     "eagle3_seconds_per_step_bf16", "reference_gflops", "budget_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
@@ -231,6 +234,19 @@ def eagle3_size_overrides(qc: QuickstartConfig, bf16: bool, speed: float = 1.0) 
     leaves it 0)."""
     n = qc.eagle3_conversations_bf16 if bf16 and qc.eagle3_conversations_bf16 else qc.eagle3_conversations
     return [f"max_conversations={max(1, round(n * speed))}"] if n else []
+
+
+def budget_conversations(qc: QuickstartConfig, n: int, steps: int, est: dict[str, float], bf16: bool,
+                         speed: float) -> int | None:
+    """The most EAGLE-3 conversations whose whole-job estimate fits ``qc.budget_minutes``: ``n`` conversations
+    plan ``steps`` steps, the steps scale with the conversations, ``est`` is the estimate per stage at this
+    ``speed``. None when no budget is set or nothing is known to scale."""
+    if not qc.budget_minutes or not n or not steps:
+        return None
+    e3 = qc.eagle3_seconds_per_step_bf16 if bf16 and qc.eagle3_seconds_per_step_bf16 else qc.eagle3_seconds_per_step
+    fixed = sum(v for k, v in est.items() if k != "eagle3") + (qc.setup_seconds if est.get("eagle3") else 0.0)
+    seconds_per_conversation = steps / n * e3 / speed
+    return max(1, math.floor((60 * qc.budget_minutes - fixed) / seconds_per_conversation))
 
 
 def training_stages(qc: QuickstartConfig, out: Path, eagle3_sizing: Sequence[str] = ()) -> list[Stage]:
@@ -653,12 +669,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed = machine_speed(qc, out)
     stages = training_stages(qc, out, eagle3_size_overrides(qc, tp.bf16, speed.ratio))
     cfgs = [s.load() for s in stages]  # every config checked before anything runs
+    n = cfgs[0].max_conversations
+    # the budget cap: from the whole plan as if nothing were finished (a rerun, with the speed pinned, sizes alike)
+    fresh = estimate_seconds(qc, stages, cfgs, [False] * len(stages), tp.bf16, speed.ratio)
+    cap = budget_conversations(qc, n, planned_steps(cfgs[0]), fresh, tp.bf16, speed.ratio)
+    capped = cap is not None and cap < n  # the fixed stages take more of the budget on a slow or busy machine
+    if capped:
+        stages = training_stages(qc, out, [f"max_conversations={cap}"])
+        cfgs = [s.load() for s in stages]
     for name in qc.prompts:
         if not Path(name).is_file():
             raise FileNotFoundError(f"prompt file not found: {name!r}")
     reused = [finished_run(c) for c in cfgs]
     est = estimate_seconds(qc, stages, cfgs, reused, tp.bf16, speed.ratio)
-    notes_precision = [*precision_lines(tp, cfgs[0], qc), speed.line()]
+    notes_precision = [*precision_lines(tp, cfgs[0], qc),
+                       speed.line() + (f"; capped at {cap} conversations to fit the {qc.budget_minutes:g}-minute budget"
+                                       if capped else "")]
     say(f"main job -> {out}; estimated {sum(est.values()) / 60:.1f} min on this CPU ("
          + ", ".join(f"{k} {v / 60:.1f}" + (" (finished: reused)" if v == 0 else "") for k, v in est.items())
          + "; from the configured steps x measured costs in " + args.config + ")")
