@@ -73,17 +73,7 @@ def tiled_attention(module, query: Tensor, key: Tensor, value: Tensor, attention
     return runner_attention_fn()(module, query, key, value, attention_mask, *args, **kwargs)
 
 
-def _register() -> bool:
-    try:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(TILED_ATTENTION, tiled_attention)
-        return True
-    except (ImportError, AttributeError):  # pragma: no cover - transformers without the interface
-        return False
-
-
-_HAS_INTERFACE = _register()
+_HAS_INTERFACE = target_mod.register_attention(TILED_ATTENTION, tiled_attention)
 
 TILE_ALIGN = 8  # tiles are multiples of this (kernels block rows by 4-16)
 

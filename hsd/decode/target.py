@@ -102,17 +102,18 @@ def runner_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_attention() -> bool:
+def register_attention(name: str, fn) -> bool:
+    """Register ``fn`` under ``name`` in transformers' ``AttentionInterface`` (False where it is missing)."""
     try:
         from transformers import AttentionInterface
 
-        AttentionInterface.register(ATTENTION, runner_attention)
+        AttentionInterface.register(name, fn)
         return True
     except (ImportError, AttributeError):  # pragma: no cover - transformers without the interface
         return False
 
 
-_HAS_INTERFACE = _register_attention()
+_HAS_INTERFACE = register_attention(ATTENTION, runner_attention)
 
 
 class KVState:

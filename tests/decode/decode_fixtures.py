@@ -98,3 +98,16 @@ def hf_greedy(t, ids: torch.Tensor, n: int) -> torch.Tensor:
     out = t.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                      min_new_tokens=n, pad_token_id=0, eos_token_id=None)
     return out[:, ids.shape[1]:]
+
+
+class Oracle:
+    """Base of the test drafters that know the greedy continuation ``ref`` (prompt + tokens): they track the
+    committed context and draft from ``ref`` in their own ``propose``."""
+
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, ref: list[int], vocab: int):
+        self.ref, self.vocab, self.rounds = ref, vocab, 0
+
+    def commit(self, tokens, features=None, start=0):
+        self.ctx = tokens[0].tolist()

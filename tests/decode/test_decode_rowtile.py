@@ -110,18 +110,11 @@ def test_planted_untiled_bf16_rows_differ():
     assert not all(equal_rows(*rows_vs_steps(runner, x)))
 
 
-class OracleChain:
+class OracleChain(fx.Oracle):
     """Drafts the reference continuation with one wrong token at position ``round % (k + 1)`` (none when it
     falls past k): every pass is full and acceptance lengths cycle through 0..k."""
 
     name = "oracle-chain"
-    feature_layers: tuple[int, ...] = ()
-
-    def __init__(self, ref: list[int], vocab: int):
-        self.ref, self.vocab, self.rounds = ref, vocab, 0
-
-    def commit(self, tokens, features=None, start=0):
-        self.ctx = tokens[0].tolist()
 
     def extend(self, tokens):
         self.ctx += tokens[0].tolist()

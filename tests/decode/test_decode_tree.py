@@ -21,19 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N, V = 24, 24
 
 
-class OracleTree:
+class OracleTree(fx.Oracle):
     """Knows the greedy continuation ``ref`` (prompt + tokens). Each round drafts a binary tree of depth 3
     whose *second* child at every level is the right token for the first ``good`` levels (good = round % 4),
     so the accepted path is nodes 1, 3, 5: never a prefix of the node list."""
 
     name = "oracle"
-    feature_layers: tuple[int, ...] = ()
-
-    def __init__(self, ref: list[int], vocab: int):
-        self.ref, self.vocab, self.rounds = ref, vocab, 0
-
-    def commit(self, tokens, features=None, start=0):
-        self.ctx = tokens[0].tolist()
 
     def extend(self, tokens):
         raise AssertionError("no exit stage with trees")

@@ -62,12 +62,17 @@ def replay_verify_tree(tokens, parents, q, p, *, method="weighted", backend="tor
                             torch.tensor([y]))
 
 
-@pytest.fixture
-def replay(monkeypatch):
+def patch_tree_replay(monkeypatch) -> None:
+    """Every random choice of tree decoding (draws, samples, tree verification) taken from the replay."""
     for mod in (drafters_mod, engine_mod, verifier_mod):
         monkeypatch.setattr(mod, "sample", replay_sample)
     monkeypatch.setattr(tree_mod, "draw_without_replacement", replay_draws)
     monkeypatch.setattr(verifier_mod, "verify_tree", replay_verify_tree)
+
+
+@pytest.fixture
+def replay(monkeypatch):
+    patch_tree_replay(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,7 @@ import json
 import pytest
 import torch
 
-import hsd.decode.drafters as drafters_mod
-import hsd.decode.engine as engine_mod
 import hsd.decode.target as target_mod
-import hsd.decode.tree_draft as tree_mod
 import hsd.decode.verifier as verifier_mod
 from hsd.decode import DecodeConfig, SpeculativeDecoder
 from hsd.decode import target_check as check_mod
@@ -31,8 +28,8 @@ from hsd.decode.target import TargetRunner, UnsupportedTarget
 from hsd.models import capture as cap
 from tests.decode import decode_fixtures as fx
 from tests.decode import families
-from tests.decode.test_decode_law import TargetLaw, engine_law, replay_sample, replay_verify, tv
-from tests.decode.test_decode_tree_law import replay_draws, replay_verify_tree, tree_law_tv
+from tests.decode.test_decode_law import TargetLaw, engine_law, replay_verify, tv
+from tests.decode.test_decode_tree_law import patch_tree_replay, tree_law_tv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = list(families.FAMILIES)
@@ -277,12 +274,9 @@ V = 16
 
 
 @pytest.fixture
-def replay(monkeypatch):
-    for mod in (drafters_mod, engine_mod, verifier_mod):
-        monkeypatch.setattr(mod, "sample", replay_sample)
+def replay(monkeypatch):  # chains and trees
+    patch_tree_replay(monkeypatch)
     monkeypatch.setattr(verifier_mod, "verify", replay_verify)
-    monkeypatch.setattr(tree_mod, "draw_without_replacement", replay_draws)
-    monkeypatch.setattr(verifier_mod, "verify_tree", replay_verify_tree)
 
 
 @functools.cache
