@@ -229,6 +229,11 @@ def pin_speed(speed: MachineSpeed, out: Path) -> None:
                                                     "reference_gflops": speed.reference_gflops}) + "\n")
 
 
+def eagle3_step_seconds(qc: QuickstartConfig, bf16: bool) -> float:
+    """The configured cost of one EAGLE-3 step in the precision it trains in here (at the reference speed)."""
+    return qc.eagle3_seconds_per_step_bf16 if bf16 and qc.eagle3_seconds_per_step_bf16 else qc.eagle3_seconds_per_step
+
+
 def eagle3_size_overrides(qc: QuickstartConfig, bf16: bool, speed: float = 1.0) -> list[str]:
     """``max_conversations=N`` for the EAGLE-3 stage by precision and measured speed (none when the quickstart
     leaves it 0)."""
@@ -243,9 +248,8 @@ def budget_conversations(qc: QuickstartConfig, n: int, steps: int, est: dict[str
     ``speed``. None when no budget is set or nothing is known to scale."""
     if not qc.budget_minutes or not n or not steps:
         return None
-    e3 = qc.eagle3_seconds_per_step_bf16 if bf16 and qc.eagle3_seconds_per_step_bf16 else qc.eagle3_seconds_per_step
     fixed = sum(v for k, v in est.items() if k != "eagle3") + (qc.setup_seconds if est.get("eagle3") else 0.0)
-    seconds_per_conversation = steps / n * e3 / speed
+    seconds_per_conversation = steps / n * eagle3_step_seconds(qc, bf16) / speed
     return max(1, math.floor((60 * qc.budget_minutes - fixed) / seconds_per_conversation))
 
 
@@ -280,12 +284,22 @@ def finished_run(cfg: Any) -> bool:
                      "--output-dir or delete that folder")
 
 
+_PLANNED: dict[str, int] = {}  # planned_steps per config content (packing tokenizes the whole data set)
+
+
 def planned_steps(cfg: Any) -> int:
     """Optimizer steps a run config asks for: max_steps, else epochs x batches of its training rows (its data
     files' rows, the first max_conversations of them; with packing the packed rows, counted exactly by
-    tokenizing and packing them as the trainer will)."""
+    tokenizing and packing them as the trainer will). Remembered per config content within the process."""
     if cfg.max_steps > 0:
         return cfg.max_steps
+    key = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    if key not in _PLANNED:
+        _PLANNED[key] = _count_steps(cfg)
+    return _PLANNED[key]
+
+
+def _count_steps(cfg: Any) -> int:
     if getattr(cfg, "packing", False):
         train_rows = len(_packed_train_rows(cfg))
     else:
@@ -328,8 +342,7 @@ def estimate_seconds(qc: QuickstartConfig, stages: list[Stage], cfgs: list[Any],
                      bf16: bool = False, speed: float = 1.0) -> dict[str, float]:
     """Seconds per stage, from the configured steps and the measured per-step costs of the config (the EAGLE-3
     cost of the precision it trains in here), divided by this machine's measured ``speed`` ratio."""
-    e3 = qc.eagle3_seconds_per_step_bf16 if bf16 and qc.eagle3_seconds_per_step_bf16 else qc.eagle3_seconds_per_step
-    rate = {"eagle3": e3 / speed, "early_exit": qc.early_exit_seconds_per_step / speed}
+    rate = {"eagle3": eagle3_step_seconds(qc, bf16) / speed, "early_exit": qc.early_exit_seconds_per_step / speed}
     est = {s.name: 0.0 if done else qc.setup_seconds + planned_steps(c) * rate[s.name]
            for s, c, done in zip(stages, cfgs, reused)}
     layers = len(getattr(cfgs[1], "exit_layers", []) or [4])

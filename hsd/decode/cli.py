@@ -246,17 +246,14 @@ def load_partial(out_dir: Path, args: argparse.Namespace) -> dict[str, tuple[lis
 
 
 def specs_rows(args: argparse.Namespace, models) -> int:
-    """The most rows one target pass of the grid carries (chains k + 1, trees nodes + 1, exit windows)."""
-    rows = [k + 1 for k in args.k] or [1]
-    if models.exit_heads or args.exit_layer:
-        rows += [k + 1 + args.exit_window for k in args.k]
-    rows += [TreeSpec.parse(t).total_tokens + 1 for t in args.tree]
+    """The most rows one target pass of the grid carries: chains k + 1 (exit drafters ``exit:L:K`` at their own
+    K), plus the exit window where exit stages run; trees nodes + 1."""
     from .evaluate import parse_exit_drafter
 
-    for name in args.drafter:  # exit:L:K drafts at its own K (and under deeper exit stages)
-        own = (parse_exit_drafter(name) or (0, None))[1]
-        if own:
-            rows.append(own + 1 + (args.exit_window if models.exit_heads or args.exit_layer else 0))
+    ks = [*args.k, *(p[1] for p in map(parse_exit_drafter, args.drafter) if p and p[1])]
+    window = args.exit_window if models.exit_heads or args.exit_layer else 0
+    rows = [k + 1 + window for k in ks] or [1]
+    rows += [TreeSpec.parse(t).total_tokens + 1 for t in args.tree]
     return max(rows)
 
 
